@@ -1,0 +1,2 @@
+/* blas.c: not written yet */
+#include <glib.h>

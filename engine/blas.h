@@ -1,0 +1,40 @@
+/* blas.h: OpenBLAS, opened at run time with the best correct kernel.
+ *
+ * OpenBLAS picks its kernel in a constructor when the library is loaded, and
+ * 0.3.21 misreads some CPUs (virtual machines, newer Xeons and EPYCs) as an
+ * old core such as Prescott.  The engine therefore opens libopenblas itself:
+ * unless the user set OPENBLAS_CORETYPE, it reads the CPU's features (cpuid,
+ * and xgetbv for the OS's register state) and, when the core OpenBLAS chose is
+ * weaker than the CPU supports, reopens it with the matching core type.
+ */
+#pragma once
+
+#include <glib.h>
+
+G_BEGIN_DECLS
+
+typedef enum { DF_NO_TRANS = 111, DF_TRANS = 112 } DfTranspose;
+
+/* Opens OpenBLAS once per process (thread-safe).  Every other df_blas_ call
+ * does this itself; call it early to get the error. */
+gboolean     df_blas_init             (GError **error);
+
+/* The kernel OpenBLAS runs ("Haswell", "SkylakeX", ...), how it was chosen
+ * ("detected by OpenBLAS", "set by OPENBLAS_CORETYPE", "chosen by diffuse
+ * from cpuid: OpenBLAS picked Prescott"), and the best core type the CPU
+ * supports according to cpuid. */
+const char  *df_blas_corename         (void);
+const char  *df_blas_choice           (void);
+const char  *df_blas_cpu_coretype     (void);
+
+void         df_blas_set_threads      (int n);
+int          df_blas_get_threads      (void);
+
+/* Row-major C = alpha op(A) op(B) + beta C; A is M x K after op, B K x N. */
+void         df_sgemm                 (DfTranspose ta, DfTranspose tb,
+                                       int M, int N, int K, float alpha,
+                                       const float *A, int lda,
+                                       const float *B, int ldb,
+                                       float beta, float *C, int ldc);
+
+G_END_DECLS

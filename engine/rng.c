@@ -1,0 +1,2 @@
+/* rng.c: not written yet */
+#include <glib.h>

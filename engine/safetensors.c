@@ -1,0 +1,2 @@
+/* safetensors.c: not written yet */
+#include <glib.h>

@@ -1,0 +1,2 @@
+/* sampler.c: not written yet */
+#include <glib.h>

@@ -1,0 +1,92 @@
+/* sampler.h: DDPM and DDIM sampling over any noise predictor.
+ *
+ * Legend: N samples in a batch, C, H, W image size, t timestep, s the next
+ * timestep of the list (or "final").  Formulas: shared/DESIGN.md.
+ */
+#pragma once
+
+#include <gio/gio.h>
+
+#include "schedule.h"
+
+G_BEGIN_DECLS
+
+#define DF_SAMPLER_ERROR (df_sampler_error_quark ())
+GQuark df_sampler_error_quark (void);
+
+typedef enum {
+  DF_SAMPLER_ERROR_INVALID,     /* a parameter out of range */
+  DF_SAMPLER_ERROR_CANCELLED
+} DfSamplerError;
+
+typedef enum { DF_SAMPLER_DDIM, DF_SAMPLER_DDPM } DfSamplerKind;
+typedef enum { DF_VARIANCE_FIXED_SMALL, DF_VARIANCE_FIXED_LARGE } DfVariance;
+typedef enum {
+  DF_GUIDANCE_NONE,             /* the label, if any, goes straight to eps */
+  DF_GUIDANCE_FREE,             /* eps_u + s (eps_c - eps_u) */
+  DF_GUIDANCE_CLASSIFIER        /* s grad log p(y | x_t, t) */
+} DfGuidance;
+
+typedef struct {
+  DfSamplerKind sampler;
+  int           steps;          /* 1..T */
+  double        eta;            /* DDIM only, >= 0 */
+  DfSpacing     spacing;
+  DfVariance    variance;       /* DDPM only */
+  gboolean      clip_x0;        /* clip predicted x0 to [-1, 1] */
+  gboolean      final_alpha_one;/* final step to ab = 1 (else ab_0) */
+  guint64       seed;
+  int           label;          /* class, or -1 */
+  DfGuidance    guidance;
+  double        scale;          /* guidance scale */
+} DfSampleParams;
+
+/* DDIM, 50 steps, eta 0, leading spacing, fixed_small, no clip, final ab 1,
+ * seed 0, no label, no guidance, scale 1. */
+void df_sample_params_init (DfSampleParams *p);
+
+/* eps[N,C,H,W] for x[N,C,H,W] at timestep t; labels[N] or NULL. */
+typedef gboolean (*DfEpsFunc)  (gpointer user_data, const float *x, int n,
+                                int t, const int *labels, float *eps,
+                                GError **error);
+/* grad[N,C,H,W] = d/dx sum_i log p(labels[i] | x_i, t). */
+typedef gboolean (*DfGradFunc) (gpointer user_data, const float *x, int n,
+                                int t, const int *labels, float *grad,
+                                GError **error);
+/* Called after each denoising step with the batch's predicted x0. */
+typedef void     (*DfProgressFunc) (gpointer user_data, int step, int total,
+                                    const float *x0, int n);
+
+typedef struct {
+  int        channels, height, width;
+  int        num_classes;       /* 0: unconditional */
+  int        uncond_label;      /* label meaning "no class" for free guidance */
+  DfEpsFunc  eps;
+  gpointer   eps_data;
+  DfGradFunc class_grad;        /* classifier guidance only */
+  gpointer   grad_data;
+} DfDenoiser;
+
+/* Check p against the schedule and the denoiser. */
+gboolean df_sample_params_check (const DfSampleParams *p, const DfSchedule *s,
+                                 const DfDenoiser *d, GError **error);
+
+/* The initial noise of sample index, as a sampler would draw it. */
+void     df_sample_initial_noise (guint64 seed, guint64 index, int size,
+                                  float *out);
+
+/* Denoise n samples with indices first..first+n-1 (noise keyed by p->seed
+ * and the index) into out[N,C,H,W].  x_T: NULL draws the initial noise;
+ * otherwise it is used as given. */
+gboolean df_sample (const DfSchedule *s, const DfDenoiser *d,
+                    const DfSampleParams *p, guint64 first, int n,
+                    const float *x_T, float *out,
+                    DfProgressFunc progress, gpointer progress_data,
+                    GCancellable *cancellable, GError **error);
+
+/* Spherical interpolation of two noises of size n at fraction a in [0, 1];
+ * exactly x0 at a = 0 and x1 at a = 1, linear when nearly parallel. */
+void     df_slerp (const float *x0, const float *x1, gsize n, double a,
+                   float *out);
+
+G_END_DECLS

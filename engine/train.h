@@ -1,0 +1,75 @@
+/* train.h: training a UNet on L_simple or a noisy classifier on
+ * cross-entropy, with AdamW, EMA and atomic checkpoints that resume exactly.
+ */
+#pragma once
+
+#include <gio/gio.h>
+
+#include "dataset.h"
+#include "model.h"
+
+G_BEGIN_DECLS
+
+#define DF_TRAIN_ERROR (df_train_error_quark ())
+GQuark df_train_error_quark (void);
+
+typedef enum {
+  DF_TRAIN_ERROR_INVALID,
+  DF_TRAIN_ERROR_CHECKPOINT,
+  DF_TRAIN_ERROR_CANCELLED
+} DfTrainError;
+
+typedef enum { DF_LR_CONSTANT, DF_LR_COSINE } DfLrSchedule;
+
+typedef struct {
+  int          steps;            /* total optimiser steps */
+  int          batch;
+  double       lr;
+  int          warmup;           /* linear warm-up steps */
+  DfLrSchedule lr_schedule;      /* after warm-up */
+  double       weight_decay;     /* AdamW, decoupled */
+  double       beta1, beta2, adam_eps;
+  double       ema_decay;
+  double       grad_clip;        /* global L2 norm; 0: off */
+  double       p_uncond;         /* label dropped to the uncond class */
+  gboolean     hflip;
+  guint64      seed;
+  const char  *checkpoint;       /* path, or NULL */
+  double       checkpoint_minutes;
+  gboolean     resume;           /* continue from checkpoint if it exists */
+  const char  *log_csv;          /* step,loss,lr,img_per_s; or NULL */
+  const char  *output;           /* EMA weights written here at the end */
+} DfTrainOptions;
+
+void df_train_options_init (DfTrainOptions *o);
+
+typedef struct {
+  int     step, steps;
+  double  loss, smoothed_loss;
+  double  img_per_s, eta_seconds, lr;
+} DfTrainProgress;
+
+typedef void (*DfTrainProgressFunc) (gpointer user_data,
+                                     const DfTrainProgress *p);
+
+typedef struct _DfTrainer DfTrainer;
+
+/* The model (UNet or classifier) is trained in place; its weights become
+ * the EMA weights when training ends.  data->num_classes must match. */
+DfTrainer *df_trainer_new       (DfModel *m, const DfDataset *data,
+                                 const DfTrainOptions *o, GError **error);
+void       df_trainer_free      (DfTrainer *t);
+/* Load the checkpoint if o->resume and it exists. */
+gboolean   df_trainer_resume    (DfTrainer *t, gboolean *resumed, GError **error);
+int        df_trainer_step_index(DfTrainer *t);
+/* One optimiser step; returns the batch loss in *loss. */
+gboolean   df_trainer_step      (DfTrainer *t, double *loss, GError **error);
+gboolean   df_trainer_save_checkpoint (DfTrainer *t, GError **error);
+/* Copy the EMA weights into the model. */
+void       df_trainer_apply_ema (DfTrainer *t);
+/* Steps until o->steps, with checkpoints, log and progress. */
+gboolean   df_trainer_run       (DfTrainer *t, DfTrainProgressFunc progress,
+                                 gpointer data, GCancellable *cancellable,
+                                 GError **error);
+
+G_END_DECLS
