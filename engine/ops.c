@@ -1,2 +1,1112 @@
-/* ops.c: not written yet */
-#include <glib.h>
+/* ops.c: the UNet's heavier operations, forward and backward: convolution,
+ * group norm, linear, attention, embedding, mean over H and W, upsampling,
+ * channel concatenation and the image <-> token reshapes.
+ *
+ * Legend: N batch, Ci/Co input/output channels, H, W input size, Ho, Wo
+ * output size, P = Ho*Wo, KK = Ci*kh*kw (rows of an im2col matrix), G groups,
+ * S spatial size, L tokens, D features, dh = D / heads, I/O linear widths.
+ *
+ * Bit-identical results whatever the batch size and the thread count.
+ * OpenBLAS's own threads change its results (and so does splitting a GEMM
+ * differently), so OpenBLAS runs on one thread and the work is cut into
+ * units whose shapes depend only on the operands' per-sample shapes: a unit
+ * is one GEMM call plus its gather or scatter, and OpenMP spreads the units.
+ * Every output element belongs to one unit, which sums in a fixed order.
+ */
+#include "tensor-private.h"
+
+#include <math.h>
+#include <omp.h>
+#include <string.h>
+
+#include "blas.h"
+
+/* Output columns (positions) per forward convolution unit. */
+#define CONV_TILE_P 128
+/* Input channels per backward convolution unit. */
+#define CONV_TILE_C 8
+/* Rows per linear unit, query rows per attention unit. */
+#define ROW_TILE 64
+
+/* Keep OpenBLAS on one thread: see above. */
+static void
+blas_serial (void)
+{
+  if (df_blas_get_threads () != 1)
+    {
+      g_debug ("ops: OpenBLAS set to 1 thread (threads come from OpenMP, "
+               "so results do not depend on the thread count)");
+      df_blas_set_threads (1);
+    }
+}
+
+/* ---- conv2d ---- */
+
+typedef struct {
+  int ci, h, w, co, kh, kw, stride, pad, ho, wo;
+} ConvGeom;
+
+/* The range [lo, hi) of outputs whose tap (offset j) lands inside [0, n). */
+static void
+tap_range (int n, int out, int stride, int pad, int j, int *lo, int *hi)
+{
+  int off = j - pad;          /* input index = o * stride + off */
+
+  *lo = off >= 0 ? 0 : (-off + stride - 1) / stride;
+  *hi = n - 1 - off < 0 ? 0 : (n - 1 - off) / stride + 1;
+  *lo = MIN (*lo, out);
+  *hi = CLAMP (*hi, *lo, out);
+}
+
+/* x [Ci,H,W] -> col [(c1-c0)*kh*kw, p1-p0]: channels [c0,c1) and output
+ * positions [p0,p1) of the im2col matrix, row stride ld. */
+static void
+im2col (const ConvGeom *c, const float *x, int c0, int c1, int p0, int p1,
+        float *col, int ld)
+{
+  for (int ch = c0; ch < c1; ch++)
+    for (int i = 0; i < c->kh; i++)
+      for (int j = 0; j < c->kw; j++)
+        {
+          float *row = col + ((gsize) ((ch - c0) * c->kh + i) * c->kw + j) * ld
+                       - p0;
+          int ylo, yhi, xlo, xhi;
+
+          tap_range (c->h, c->ho, c->stride, c->pad, i, &ylo, &yhi);
+          tap_range (c->w, c->wo, c->stride, c->pad, j, &xlo, &xhi);
+          for (int oy = p0 / c->wo; oy * c->wo < p1; oy++)
+            {
+              int a = MAX (p0 - oy * c->wo, 0);
+              int b = MIN (p1 - oy * c->wo, c->wo);
+              float *dst = row + (gsize) oy * c->wo;
+              const float *src;
+              int lo = CLAMP (xlo, a, b), hi = CLAMP (xhi, lo, b);
+
+              if (oy < ylo || oy >= yhi)
+                {
+                  memset (dst + a, 0, (b - a) * sizeof (float));
+                  continue;
+                }
+              src = x + ((gsize) ch * c->h + oy * c->stride - c->pad + i)
+                        * c->w;
+              for (int ox = a; ox < lo; ox++)
+                dst[ox] = 0.0f;
+              for (int ox = lo; ox < hi; ox++)
+                dst[ox] = src[ox * c->stride - c->pad + j];
+              for (int ox = hi; ox < b; ox++)
+                dst[ox] = 0.0f;
+            }
+        }
+}
+
+/* dx [Ci,H,W] channels [c0,c1) += col2im (dcol [(c1-c0)*kh*kw, P]). */
+static void
+col2im_add (const ConvGeom *c, const float *dcol, int c0, int c1, float *dx)
+{
+  gsize p = (gsize) c->ho * c->wo;
+
+  for (int ch = c0; ch < c1; ch++)
+    for (int i = 0; i < c->kh; i++)
+      for (int j = 0; j < c->kw; j++)
+        {
+          const float *row = dcol
+                             + ((gsize) ((ch - c0) * c->kh + i) * c->kw + j) * p;
+          int ylo, yhi, xlo, xhi;
+
+          tap_range (c->h, c->ho, c->stride, c->pad, i, &ylo, &yhi);
+          tap_range (c->w, c->wo, c->stride, c->pad, j, &xlo, &xhi);
+          for (int oy = ylo; oy < yhi; oy++)
+            {
+              float *dst = dx + ((gsize) ch * c->h
+                                 + oy * c->stride - c->pad + i) * c->w;
+              const float *src = row + (gsize) oy * c->wo;
+
+              for (int ox = xlo; ox < xhi; ox++)
+                dst[ox * c->stride - c->pad + j] += src[ox];
+            }
+        }
+}
+
+static void
+conv_geom (ConvGeom *c, const DfTensor *x, const DfTensor *w, int stride,
+           int pad_lo, int pad_hi)
+{
+  c->ci = x->shape[1];
+  c->h = x->shape[2];
+  c->w = x->shape[3];
+  c->co = w->shape[0];
+  c->kh = w->shape[2];
+  c->kw = w->shape[3];
+  c->stride = stride;
+  c->pad = pad_lo;
+  c->ho = (c->h + pad_lo + pad_hi - c->kh) / stride + 1;
+  c->wo = (c->w + pad_lo + pad_hi - c->kw) / stride + 1;
+}
+
+/* A 1x1, stride 1, unpadded convolution multiplies by x itself. */
+static gboolean
+conv_pointwise (const ConvGeom *c, int pad_hi)
+{
+  return c->kh == 1 && c->kw == 1 && c->stride == 1 && c->pad == 0
+         && pad_hi == 0;
+}
+
+static void
+conv2d_backward (DfGraph *g, DfRecord *r)
+{
+  DfTensor *x = r->in[0], *w = r->in[1];
+  float *dx = df_grad_or_null (x);
+  float *dw = df_grad_or_null (w);               /* [Co,KK] */
+  float *db = df_grad_or_null (r->in[2]);        /* [Co] */
+  const float *dy = r->out->grad;                /* [N,Co,P] */
+  int n = x->shape[0], pad_hi = r->iarg[1], n_cg, kk1;
+  ConvGeom c;
+  gboolean pw;
+  gsize p, kk, xs, per_thread;
+  float *work = NULL;
+
+  blas_serial ();
+  conv_geom (&c, x, w, r->iarg[0], r->iarg[2], pad_hi);
+  pw = conv_pointwise (&c, pad_hi);
+  p = (gsize) c.ho * c.wo;
+  kk1 = c.kh * c.kw;
+  kk = (gsize) c.ci * kk1;
+  xs = (gsize) c.ci * c.h * c.w;
+  n_cg = (c.ci + CONV_TILE_C - 1) / CONV_TILE_C;
+
+  /* db [Co]: sum over N and P, in double, one channel a thread. */
+  if (db != NULL)
+    {
+#pragma omp parallel for schedule(static)
+      for (int o = 0; o < c.co; o++)
+        {
+          double sum = 0;
+
+          for (int s = 0; s < n; s++)
+            {
+              const float *d = dy + ((gsize) s * c.co + o) * p;
+
+              for (gsize q = 0; q < p; q++)
+                sum += d[q];
+            }
+          db[o] += (float) sum;
+        }
+    }
+
+  /* Per thread: the im2col rows [CONV_TILE_C*kh*kw, P] of one channel group,
+   * recomputed here rather than kept from the forward pass. */
+  per_thread = pw ? 0 : (gsize) CONV_TILE_C * kk1 * p;
+  if (per_thread > 0)
+    work = df_graph_workspace (g, per_thread * omp_get_max_threads ());
+
+  /* dW[:, group] += sum over samples of dY col[group]^T; a unit is a
+   * channel group, its samples in order. */
+  if (dw != NULL)
+    {
+#pragma omp parallel for schedule(static)
+      for (int cg = 0; cg < n_cg; cg++)
+        {
+          int c0 = cg * CONV_TILE_C, c1 = MIN (c0 + CONV_TILE_C, c.ci);
+          float *col = work + per_thread * omp_get_thread_num ();
+
+          for (int s = 0; s < n; s++)
+            {
+              const float *xn = x->data + s * xs;
+              const float *b = xn + (gsize) c0 * p;
+
+              if (!pw)
+                {
+                  im2col (&c, xn, c0, c1, 0, p, col, p);
+                  b = col;
+                }
+              df_sgemm (DF_NO_TRANS, DF_TRANS, c.co, (c1 - c0) * kk1, p, 1.0f,
+                        dy + (gsize) s * c.co * p, p, b, p, 1.0f,
+                        dw + (gsize) c0 * kk1, kk);
+            }
+        }
+    }
+
+  /* dx[s, group] += col2im (W[:, group]^T dY[s]); a unit is (sample,
+   * channel group), which owns those channels of dx. */
+  if (dx != NULL)
+    {
+#pragma omp parallel for schedule(static)
+      for (int u = 0; u < n * n_cg; u++)
+        {
+          int s = u / n_cg, c0 = (u % n_cg) * CONV_TILE_C;
+          int c1 = MIN (c0 + CONV_TILE_C, c.ci);
+          const float *dys = dy + (gsize) s * c.co * p;
+          float *dxs = dx + s * xs;
+
+          if (pw)
+            df_sgemm (DF_TRANS, DF_NO_TRANS, c1 - c0, p, c.co, 1.0f,
+                      w->data + c0, kk, dys, p, 1.0f, dxs + (gsize) c0 * p, p);
+          else
+            {
+              float *dcol = work + per_thread * omp_get_thread_num ();
+
+              df_sgemm (DF_TRANS, DF_NO_TRANS, (c1 - c0) * kk1, p, c.co, 1.0f,
+                        w->data + (gsize) c0 * kk1, kk, dys, p, 0.0f, dcol, p);
+              col2im_add (&c, dcol, c0, c1, dxs);
+            }
+        }
+    }
+}
+
+DfTensor *
+df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
+           int pad_lo, int pad_hi)
+{
+  ConvGeom c;
+  DfTensor *y;
+  int n, n_tiles;
+  gboolean pw;
+  gsize p, kk, xs;
+  float *work = NULL;
+
+  g_return_val_if_fail (g != NULL && x != NULL && w != NULL, NULL);
+  g_return_val_if_fail (x->ndim == 4 && w->ndim == 4, NULL);
+  g_return_val_if_fail (w->shape[1] == x->shape[1], NULL);
+  g_return_val_if_fail (b == NULL || (int) b->size == w->shape[0], NULL);
+  g_return_val_if_fail (stride >= 1 && pad_lo >= 0 && pad_hi >= 0, NULL);
+  g_return_val_if_fail (x->shape[2] + pad_lo + pad_hi >= w->shape[2]
+                        && x->shape[3] + pad_lo + pad_hi >= w->shape[3], NULL);
+
+  blas_serial ();
+  conv_geom (&c, x, w, stride, pad_lo, pad_hi);
+  pw = conv_pointwise (&c, pad_hi);
+  n = x->shape[0];
+  p = (gsize) c.ho * c.wo;
+  kk = (gsize) c.ci * c.kh * c.kw;
+  xs = (gsize) c.ci * c.h * c.w;
+  n_tiles = (p + CONV_TILE_P - 1) / CONV_TILE_P;
+  y = df_graph_tensor_4d (g, n, c.co, c.ho, c.wo);
+  if (!pw)
+    work = df_graph_workspace (g, kk * CONV_TILE_P * omp_get_max_threads ());
+
+  /* A unit is (sample, tile of positions): y[:, tile] [Co,T] =
+   * W [Co,KK] col[:, tile] [KK,T] (+ b). */
+#pragma omp parallel for schedule(static)
+  for (int u = 0; u < n * n_tiles; u++)
+    {
+      int s = u / n_tiles, p0 = (u % n_tiles) * CONV_TILE_P;
+      int t = MIN ((gsize) CONV_TILE_P, p - p0);
+      const float *xn = x->data + s * xs;
+      float *ys = y->data + (gsize) s * c.co * p + p0;
+
+      if (pw)
+        df_sgemm (DF_NO_TRANS, DF_NO_TRANS, c.co, t, kk, 1.0f, w->data, kk,
+                  xn + p0, p, 0.0f, ys, p);
+      else
+        {
+          float *col = work + kk * CONV_TILE_P * omp_get_thread_num ();
+
+          im2col (&c, xn, 0, c.ci, p0, p0 + t, col, t);
+          df_sgemm (DF_NO_TRANS, DF_NO_TRANS, c.co, t, kk, 1.0f, w->data, kk,
+                    col, t, 0.0f, ys, p);
+        }
+      if (b != NULL)
+        for (int o = 0; o < c.co; o++)
+          for (int q = 0; q < t; q++)
+            ys[o * p + q] += b->data[o];
+    }
+
+  if (df_graph_wants (g, x, w, b, NULL))
+    {
+      DfRecord *r = df_graph_push (g, conv2d_backward, y);
+
+      r->in[0] = x;
+      r->in[1] = w;
+      r->in[2] = b;
+      r->iarg[0] = stride;
+      r->iarg[1] = pad_hi;
+      r->iarg[2] = pad_lo;
+    }
+  return y;
+}
+
+/* ---- group norm ---- */
+
+/* Saved per (n, group): mean and 1 / sqrt (var + eps), in double. */
+static void
+group_norm_backward (DfGraph *g, DfRecord *r)
+{
+  DfTensor *x = r->in[0];
+  const float *gamma = r->in[1] != NULL ? r->in[1]->data : NULL;
+  float *dx = df_grad_or_null (x);
+  float *dgamma = df_grad_or_null (r->in[1]);
+  float *dbeta = df_grad_or_null (r->in[2]);
+  const float *dy = r->out->grad;
+  const double *stat = r->saved;                 /* [N,G,2] */
+  int n = x->shape[0], ch = x->shape[1], groups = r->iarg[0];
+  int cpg = ch / groups;
+  gsize s = x->size / ((gsize) n * ch);
+  gsize m = (gsize) cpg * s;
+
+  /* dx = rstd (g dy - mean (g dy) - xhat mean (g dy xhat)) per (n, group) */
+  if (dx != NULL)
+    {
+#pragma omp parallel for schedule(static)
+      for (int ng = 0; ng < n * groups; ng++)
+        {
+          gsize base = (gsize) ng * m;
+          double mean = stat[2 * ng], rstd = stat[2 * ng + 1];
+          double sum1 = 0, sum2 = 0, k1, k2;
+          int c0 = (ng % groups) * cpg;
+
+          for (int c = 0; c < cpg; c++)
+            {
+              double gc = gamma != NULL ? gamma[c0 + c] : 1.0;
+
+              for (gsize q = 0; q < s; q++)
+                {
+                  gsize i = base + c * s + q;
+                  double gdy = gc * dy[i];
+
+                  sum1 += gdy;
+                  sum2 += gdy * (x->data[i] - mean) * rstd;
+                }
+            }
+          k1 = sum1 / m;
+          k2 = sum2 / m;
+          for (int c = 0; c < cpg; c++)
+            {
+              double gc = gamma != NULL ? gamma[c0 + c] : 1.0;
+
+              for (gsize q = 0; q < s; q++)
+                {
+                  gsize i = base + c * s + q;
+                  double xhat = (x->data[i] - mean) * rstd;
+
+                  dx[i] += (float) (rstd * (gc * dy[i] - k1 - xhat * k2));
+                }
+            }
+        }
+    }
+
+  /* dgamma, dbeta [C]: sums over N and S, one channel a thread. */
+  if (dgamma != NULL || dbeta != NULL)
+    {
+#pragma omp parallel for schedule(static)
+      for (int c = 0; c < ch; c++)
+        {
+          double sg = 0, sb = 0;
+
+          for (int b = 0; b < n; b++)
+            {
+              int ng = b * groups + c / cpg;
+              double mean = stat[2 * ng], rstd = stat[2 * ng + 1];
+              gsize base = ((gsize) b * ch + c) * s;
+
+              for (gsize q = 0; q < s; q++)
+                {
+                  sb += dy[base + q];
+                  sg += dy[base + q] * (x->data[base + q] - mean) * rstd;
+                }
+            }
+          if (dgamma != NULL)
+            dgamma[c] += (float) sg;
+          if (dbeta != NULL)
+            dbeta[c] += (float) sb;
+        }
+    }
+}
+
+DfTensor *
+df_group_norm (DfGraph *g, DfTensor *x, DfTensor *gamma, DfTensor *beta,
+               int groups, float eps)
+{
+  DfTensor *y;
+  gboolean want;
+  double *stat;
+  int n, ch, cpg;
+  gsize s, m;
+
+  g_return_val_if_fail (g != NULL && x != NULL && x->ndim >= 2, NULL);
+  g_return_val_if_fail (groups >= 1 && x->shape[1] % groups == 0, NULL);
+  g_return_val_if_fail (gamma == NULL || (int) gamma->size == x->shape[1],
+                        NULL);
+  g_return_val_if_fail (beta == NULL || (int) beta->size == x->shape[1], NULL);
+
+  n = x->shape[0];
+  ch = x->shape[1];
+  cpg = ch / groups;
+  s = x->size / ((gsize) n * ch);
+  m = (gsize) cpg * s;
+  y = df_graph_tensor (g, x->ndim, x->shape);
+  want = df_graph_wants (g, x, gamma, beta, NULL);
+  stat = want ? df_graph_saved (g, sizeof (double) * 2 * n * groups)
+              : (double *) df_graph_workspace (g, 4 * (gsize) n * groups);
+
+  /* Per (n, group), contiguous [cpg,S]: two-pass mean and biased variance
+   * in double, then y = x a + b with a = rstd gamma, b = beta - mean a. */
+#pragma omp parallel for schedule(static)
+  for (int ng = 0; ng < n * groups; ng++)
+    {
+      const float *xg = x->data + (gsize) ng * m;
+      float *yg = y->data + (gsize) ng * m;
+      double sum = 0, var = 0, mean, rstd;
+      int c0 = (ng % groups) * cpg;
+
+      for (gsize i = 0; i < m; i++)
+        sum += xg[i];
+      mean = sum / m;
+      for (gsize i = 0; i < m; i++)
+        var += (xg[i] - mean) * (xg[i] - mean);
+      rstd = 1.0 / sqrt (var / m + eps);
+      stat[2 * ng] = mean;
+      stat[2 * ng + 1] = rstd;
+
+      for (int c = 0; c < cpg; c++)
+        {
+          double gc = gamma != NULL ? gamma->data[c0 + c] : 1.0;
+          double bc = beta != NULL ? beta->data[c0 + c] : 0.0;
+          float a = (float) (rstd * gc), b = (float) (bc - mean * rstd * gc);
+
+          for (gsize q = 0; q < s; q++)
+            yg[c * s + q] = xg[c * s + q] * a + b;
+        }
+    }
+
+  if (want)
+    {
+      DfRecord *r = df_graph_push (g, group_norm_backward, y);
+
+      r->in[0] = x;
+      r->in[1] = gamma;
+      r->in[2] = beta;
+      r->iarg[0] = groups;
+      r->saved = stat;
+    }
+  return y;
+}
+
+/* ---- linear ---- */
+
+/* Rows a sample contributes: x [N, R..., I] is N samples of R rows. */
+static void
+linear_rows (const DfTensor *x, int *samples, int *rows)
+{
+  int in = x->shape[x->ndim - 1];
+
+  *samples = x->ndim >= 2 ? x->shape[0] : 1;
+  *rows = x->size / in / *samples;
+}
+
+/* Below this many rows a sample, plain loops beat a GEMM call. */
+#define LINEAR_GEMM_ROWS 8
+
+static void
+linear_backward (DfGraph *g, DfRecord *r)
+{
+  DfTensor *x = r->in[0], *w = r->in[1];
+  float *dx = df_grad_or_null (x);               /* [N*R,I] */
+  float *dw = df_grad_or_null (w);               /* [O,I] */
+  float *db = df_grad_or_null (r->in[2]);        /* [O] */
+  const float *dy = r->out->grad;                /* [N*R,O] */
+  int in = w->shape[1], out = w->shape[0], samples, rows, total, n_rt;
+  gboolean gemm;
+
+  blas_serial ();
+  linear_rows (x, &samples, &rows);
+  total = rows * samples;
+  gemm = rows >= LINEAR_GEMM_ROWS;
+  n_rt = (rows + ROW_TILE - 1) / ROW_TILE;
+
+  /* db: batch sums in a fixed order. */
+  if (db != NULL)
+    {
+#pragma omp parallel for schedule(static) if ((gsize) total * out > DF_PAR_MIN)
+      for (int o = 0; o < out; o++)
+        {
+          double sum = 0;
+
+          for (int i = 0; i < total; i++)
+            sum += dy[(gsize) i * out + o];
+          db[o] += (float) sum;
+        }
+    }
+
+  /* dW [O,I] += dY^T X over all rows; a unit is a block of W's rows. */
+  if (dw != NULL && gemm)
+    {
+      int n_ot = (out + ROW_TILE - 1) / ROW_TILE;
+
+#pragma omp parallel for schedule(static)
+      for (int ot = 0; ot < n_ot; ot++)
+        {
+          int o0 = ot * ROW_TILE, ob = MIN (ROW_TILE, out - o0);
+
+          df_sgemm (DF_TRANS, DF_NO_TRANS, ob, in, total, 1.0f, dy + o0, out,
+                    x->data, in, 1.0f, dw + (gsize) o0 * in, in);
+        }
+    }
+  else if (dw != NULL)
+    {
+#pragma omp parallel for schedule(static) if ((gsize) total * out * in > DF_PAR_MIN)
+      for (int o = 0; o < out; o++)
+        for (int i = 0; i < total; i++)
+          {
+            float d = dy[(gsize) i * out + o];
+            const float *xr = x->data + (gsize) i * in;
+            float *dwr = dw + (gsize) o * in;
+
+            for (int k = 0; k < in; k++)
+              dwr[k] += d * xr[k];
+          }
+    }
+
+  /* dX = dY W; a unit is (sample, tile of rows). */
+  if (dx != NULL && gemm)
+    {
+#pragma omp parallel for schedule(static)
+      for (int u = 0; u < samples * n_rt; u++)
+        {
+          int s = u / n_rt, r0 = (u % n_rt) * ROW_TILE;
+          int rt = MIN (ROW_TILE, rows - r0);
+          gsize row = (gsize) s * rows + r0;
+
+          df_sgemm (DF_NO_TRANS, DF_NO_TRANS, rt, in, out, 1.0f,
+                    dy + row * out, out, w->data, in, 1.0f, dx + row * in, in);
+        }
+    }
+  else if (dx != NULL)
+    {
+#pragma omp parallel for schedule(static) if ((gsize) total * out * in > DF_PAR_MIN)
+      for (int i = 0; i < total; i++)
+        for (int o = 0; o < out; o++)
+          {
+            float d = dy[(gsize) i * out + o];
+            const float *wr = w->data + (gsize) o * in;
+            float *dxr = dx + (gsize) i * in;
+
+            for (int k = 0; k < in; k++)
+              dxr[k] += d * wr[k];
+          }
+    }
+}
+
+DfTensor *
+df_linear (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b)
+{
+  DfTensor *y;
+  int shape[DF_MAX_DIMS], in, out, samples, rows, n_rt;
+
+  g_return_val_if_fail (g != NULL && x != NULL && w != NULL, NULL);
+  g_return_val_if_fail (w->ndim == 2 && x->shape[x->ndim - 1] == w->shape[1],
+                        NULL);
+  g_return_val_if_fail (b == NULL || (int) b->size == w->shape[0], NULL);
+
+  blas_serial ();
+  in = w->shape[1];
+  out = w->shape[0];
+  memcpy (shape, x->shape, sizeof shape);
+  shape[x->ndim - 1] = out;
+  y = df_graph_tensor (g, x->ndim, shape);
+  linear_rows (x, &samples, &rows);
+  n_rt = (rows + ROW_TILE - 1) / ROW_TILE;
+
+  /* y [R,O] = x [R,I] W^T [I,O] (+ b); a unit is (sample, tile of rows). */
+  if (rows >= LINEAR_GEMM_ROWS)
+    {
+#pragma omp parallel for schedule(static)
+      for (int u = 0; u < samples * n_rt; u++)
+        {
+          int s = u / n_rt, r0 = (u % n_rt) * ROW_TILE;
+          int rt = MIN (ROW_TILE, rows - r0);
+          gsize row = (gsize) s * rows + r0;
+          float *yr = y->data + row * out;
+
+          df_sgemm (DF_NO_TRANS, DF_TRANS, rt, out, in, 1.0f,
+                    x->data + row * in, in, w->data, in, 0.0f, yr, out);
+          if (b != NULL)
+            for (int i = 0; i < rt; i++)
+              for (int o = 0; o < out; o++)
+                yr[(gsize) i * out + o] += b->data[o];
+        }
+    }
+  else
+    {
+      gsize total = (gsize) rows * samples;
+
+#pragma omp parallel for schedule(static) if (total * out * in > DF_PAR_MIN)
+      for (gsize e = 0; e < total * out; e++)
+        {
+          const float *xr = x->data + (e / out) * in;
+          const float *wr = w->data + (e % out) * in;
+          float sum = 0.0f;
+
+          for (int k = 0; k < in; k++)
+            sum += xr[k] * wr[k];
+          y->data[e] = b != NULL ? sum + b->data[e % out] : sum;
+        }
+    }
+
+  if (df_graph_wants (g, x, w, b, NULL))
+    {
+      DfRecord *r = df_graph_push (g, linear_backward, y);
+
+      r->in[0] = x;
+      r->in[1] = w;
+      r->in[2] = b;
+    }
+  return y;
+}
+
+/* ---- attention ---- */
+
+/* p [rows,Lk] = softmax (scale q_h k_h^T) for query rows [i0, i0+rows) of
+ * sample s, head h.  Forward and backward call it on the same tiles, so
+ * they see the same probabilities. */
+static void
+attention_probs (const DfTensor *q, const DfTensor *k, int s, int h, int dh,
+                 float scale, int i0, int rows, float *p)
+{
+  int lq = q->shape[1], lk = k->shape[1], d = q->shape[2];
+  const float *qh = q->data + ((gsize) s * lq + i0) * d + h * dh;
+  const float *kh = k->data + (gsize) s * lk * d + h * dh;
+
+  df_sgemm (DF_NO_TRANS, DF_TRANS, rows, lk, dh, scale, qh, d, kh, d, 0.0f, p,
+            lk);
+  for (int i = 0; i < rows; i++)
+    {
+      float *row = p + (gsize) i * lk;
+      float m = row[0], sum = 0.0f, inv;
+
+      for (int j = 1; j < lk; j++)
+        m = MAX (m, row[j]);
+      for (int j = 0; j < lk; j++)
+        {
+          row[j] = expf (row[j] - m);
+          sum += row[j];
+        }
+      inv = 1.0f / sum;
+      for (int j = 0; j < lk; j++)
+        row[j] *= inv;
+    }
+}
+
+/* A unit is (sample, head); it recomputes its probabilities instead of
+ * keeping N*heads L x L matrices from the forward pass. */
+static void
+attention_backward (DfGraph *g, DfRecord *r)
+{
+  DfTensor *q = r->in[0], *k = r->in[1], *v = r->in[2];
+  float *dq = df_grad_or_null (q), *dk = df_grad_or_null (k);
+  float *dv = df_grad_or_null (v);
+  const float *dout = r->out->grad;              /* [N,Lq,D] */
+  int n = q->shape[0], lq = q->shape[1], lk = k->shape[1], d = q->shape[2];
+  int heads = r->iarg[0], dh = d / heads;
+  float scale = r->farg[0];
+  gsize per_thread = 2 * (gsize) lq * lk;
+  float *work;
+
+  blas_serial ();
+  work = df_graph_workspace (g, per_thread * omp_get_max_threads ());
+
+#pragma omp parallel for schedule(static)
+  for (int u = 0; u < n * heads; u++)
+    {
+      int s = u / heads, h = u % heads;
+      gsize oq = (gsize) s * lq * d + h * dh, ok = (gsize) s * lk * d + h * dh;
+      float *p = work + per_thread * omp_get_thread_num ();   /* [Lq,Lk] */
+      float *dp = p + (gsize) lq * lk;                        /* [Lq,Lk] */
+
+      for (int i0 = 0; i0 < lq; i0 += ROW_TILE)
+        attention_probs (q, k, s, h, dh, scale, i0, MIN (ROW_TILE, lq - i0),
+                         p + (gsize) i0 * lk);
+
+      /* dV += P^T dO */
+      if (dv != NULL)
+        df_sgemm (DF_TRANS, DF_NO_TRANS, lk, dh, lq, 1.0f, p, lk, dout + oq, d,
+                  1.0f, dv + ok, d);
+      if (dq == NULL && dk == NULL)
+        continue;
+
+      /* dP = dO V^T; dS = P (dP - rowsum (dP P)) */
+      df_sgemm (DF_NO_TRANS, DF_TRANS, lq, lk, dh, 1.0f, dout + oq, d,
+                v->data + ok, d, 0.0f, dp, lk);
+      for (int i = 0; i < lq; i++)
+        {
+          float *pr = p + (gsize) i * lk, *dr = dp + (gsize) i * lk;
+          float dot = 0.0f;
+
+          for (int j = 0; j < lk; j++)
+            dot += pr[j] * dr[j];
+          for (int j = 0; j < lk; j++)
+            dr[j] = pr[j] * (dr[j] - dot);
+        }
+
+      /* dQ += scale dS K, dK += scale dS^T Q */
+      if (dq != NULL)
+        df_sgemm (DF_NO_TRANS, DF_NO_TRANS, lq, dh, lk, scale, dp, lk,
+                  k->data + ok, d, 1.0f, dq + oq, d);
+      if (dk != NULL)
+        df_sgemm (DF_TRANS, DF_NO_TRANS, lk, dh, lq, scale, dp, lk,
+                  q->data + oq, d, 1.0f, dk + ok, d);
+    }
+}
+
+DfTensor *
+df_attention (DfGraph *g, DfTensor *q, DfTensor *k, DfTensor *v, int heads)
+{
+  DfTensor *y;
+  int n, lq, lk, d, dh, n_qt;
+  gsize per_thread;
+  float scale, *work;
+
+  g_return_val_if_fail (g != NULL && q != NULL && k != NULL && v != NULL,
+                        NULL);
+  g_return_val_if_fail (q->ndim == 3 && df_tensor_same_shape (k, v), NULL);
+  g_return_val_if_fail (k->ndim == 3 && k->shape[0] == q->shape[0]
+                        && k->shape[2] == q->shape[2], NULL);
+  g_return_val_if_fail (heads >= 1 && q->shape[2] % heads == 0, NULL);
+
+  blas_serial ();
+  n = q->shape[0];
+  lq = q->shape[1];
+  lk = k->shape[1];
+  d = q->shape[2];
+  dh = d / heads;
+  scale = (float) (1.0 / sqrt (dh));
+  n_qt = (lq + ROW_TILE - 1) / ROW_TILE;
+  y = df_graph_tensor (g, 3, q->shape);
+  per_thread = (gsize) ROW_TILE * lk;
+  work = df_graph_workspace (g, per_thread * omp_get_max_threads ());
+
+  /* A unit is (sample, head, tile of query rows): y_h [T,dh] =
+   * softmax (scale q_h k_h^T) v_h; heads are dh-wide column blocks of D, as
+   * PyTorch's view (N, L, heads, dh). */
+#pragma omp parallel for schedule(static)
+  for (int u = 0; u < n * heads * n_qt; u++)
+    {
+      int s = u / (heads * n_qt), h = (u / n_qt) % heads;
+      int i0 = (u % n_qt) * ROW_TILE, rows = MIN (ROW_TILE, lq - i0);
+      float *p = work + per_thread * omp_get_thread_num ();   /* [T,Lk] */
+
+      attention_probs (q, k, s, h, dh, scale, i0, rows, p);
+      df_sgemm (DF_NO_TRANS, DF_NO_TRANS, rows, dh, lk, 1.0f, p, lk,
+                v->data + (gsize) s * lk * d + h * dh, d, 0.0f,
+                y->data + ((gsize) s * lq + i0) * d + h * dh, d);
+    }
+
+  if (df_graph_wants (g, q, k, v, NULL))
+    {
+      DfRecord *r = df_graph_push (g, attention_backward, y);
+
+      r->in[0] = q;
+      r->in[1] = k;
+      r->in[2] = v;
+      r->iarg[0] = heads;
+      r->farg[0] = scale;
+    }
+  return y;
+}
+
+/* ---- embedding ---- */
+
+static void
+embedding_backward (DfGraph *g, DfRecord *r)
+{
+  const int *ids = r->saved;
+  float *dt = df_tensor_grad (r->in[0]);
+  const float *dy = r->out->grad;
+  int n = r->iarg[0], d = r->in[0]->shape[1];
+
+  /* Rows may repeat: columns are split across threads, ids run in order. */
+#pragma omp parallel for schedule(static) if ((gsize) n * d > DF_PAR_MIN)
+  for (int j = 0; j < d; j++)
+    for (int i = 0; i < n; i++)
+      dt[(gsize) ids[i] * d + j] += dy[(gsize) i * d + j];
+}
+
+DfTensor *
+df_embedding (DfGraph *g, DfTensor *table, const int *ids, int n)
+{
+  DfTensor *y;
+  int shape[2];
+
+  g_return_val_if_fail (g != NULL && table != NULL && ids != NULL, NULL);
+  g_return_val_if_fail (table->ndim == 2 && n >= 1, NULL);
+  for (int i = 0; i < n; i++)
+    g_return_val_if_fail (ids[i] >= 0 && ids[i] < table->shape[0], NULL);
+
+  shape[0] = n;
+  shape[1] = table->shape[1];
+  y = df_graph_tensor (g, 2, shape);
+  for (int i = 0; i < n; i++)
+    memcpy (y->data + (gsize) i * shape[1],
+            table->data + (gsize) ids[i] * shape[1],
+            shape[1] * sizeof (float));
+
+  if (df_graph_wants (g, table, NULL, NULL, NULL))
+    {
+      DfRecord *r = df_graph_push (g, embedding_backward, y);
+      int *saved = df_graph_saved (g, n * sizeof (int));
+
+      memcpy (saved, ids, n * sizeof (int));
+      r->in[0] = table;
+      r->iarg[0] = n;
+      r->saved = saved;
+    }
+  return y;
+}
+
+/* ---- mean over H, W ---- */
+
+static void
+mean_hw_backward (DfGraph *g, DfRecord *r)
+{
+  DfTensor *x = r->in[0];
+  float *dx = df_tensor_grad (x);
+  const float *dy = r->out->grad;                /* [N,C] */
+  int nc = x->shape[0] * x->shape[1];
+  gsize s = x->size / nc;
+  float inv = 1.0f / s;
+
+#pragma omp parallel for schedule(static) if (x->size > DF_PAR_MIN)
+  for (int i = 0; i < nc; i++)
+    for (gsize q = 0; q < s; q++)
+      dx[i * s + q] += dy[i] * inv;
+}
+
+DfTensor *
+df_mean_hw (DfGraph *g, DfTensor *x)
+{
+  DfTensor *y;
+  int nc;
+  gsize s;
+
+  g_return_val_if_fail (g != NULL && x != NULL && x->ndim == 4, NULL);
+
+  nc = x->shape[0] * x->shape[1];
+  s = x->size / nc;
+  y = df_graph_tensor (g, 2, x->shape);
+#pragma omp parallel for schedule(static) if (x->size > DF_PAR_MIN)
+  for (int i = 0; i < nc; i++)
+    {
+      double sum = 0;
+
+      for (gsize q = 0; q < s; q++)
+        sum += x->data[i * s + q];
+      y->data[i] = (float) (sum / s);
+    }
+
+  if (df_graph_wants (g, x, NULL, NULL, NULL))
+    {
+      DfRecord *r = df_graph_push (g, mean_hw_backward, y);
+
+      r->in[0] = x;
+    }
+  return y;
+}
+
+/* ---- nearest upsampling x2 ---- */
+
+static void
+upsample2x_backward (DfGraph *g, DfRecord *r)
+{
+  DfTensor *x = r->in[0];
+  float *dx = df_tensor_grad (x);
+  const float *dy = r->out->grad;                /* [N,C,2H,2W] */
+  int nc = x->shape[0] * x->shape[1], h = x->shape[2], w = x->shape[3];
+
+#pragma omp parallel for schedule(static) if (x->size > DF_PAR_MIN)
+  for (int i = 0; i < nc; i++)
+    for (int yy = 0; yy < h; yy++)
+      {
+        const float *r0 = dy + ((gsize) i * 2 * h + 2 * yy) * 2 * w;
+        const float *r1 = r0 + 2 * w;
+        float *d = dx + ((gsize) i * h + yy) * w;
+
+        for (int xx = 0; xx < w; xx++)
+          d[xx] += (r0[2 * xx] + r0[2 * xx + 1])
+                   + (r1[2 * xx] + r1[2 * xx + 1]);
+      }
+}
+
+DfTensor *
+df_upsample2x (DfGraph *g, DfTensor *x)
+{
+  DfTensor *y;
+  int nc, h, w;
+
+  g_return_val_if_fail (g != NULL && x != NULL && x->ndim == 4, NULL);
+
+  nc = x->shape[0] * x->shape[1];
+  h = x->shape[2];
+  w = x->shape[3];
+  y = df_graph_tensor_4d (g, x->shape[0], x->shape[1], 2 * h, 2 * w);
+#pragma omp parallel for schedule(static) if (y->size > DF_PAR_MIN)
+  for (int i = 0; i < nc; i++)
+    for (int yy = 0; yy < h; yy++)
+      {
+        const float *src = x->data + ((gsize) i * h + yy) * w;
+        float *r0 = y->data + ((gsize) i * 2 * h + 2 * yy) * 2 * w;
+
+        for (int xx = 0; xx < w; xx++)
+          r0[2 * xx] = r0[2 * xx + 1] = src[xx];
+        memcpy (r0 + 2 * w, r0, 2 * w * sizeof (float));
+      }
+
+  if (df_graph_wants (g, x, NULL, NULL, NULL))
+    {
+      DfRecord *r = df_graph_push (g, upsample2x_backward, y);
+
+      r->in[0] = x;
+    }
+  return y;
+}
+
+/* ---- concatenation over channels ---- */
+
+static void
+concat_backward (DfGraph *g, DfRecord *r)
+{
+  DfTensor *a = r->in[0], *b = r->in[1];
+  float *da = df_grad_or_null (a), *db = df_grad_or_null (b);
+  const float *dy = r->out->grad;
+  int n = a->shape[0];
+  gsize sa = a->size / n, sb = b->size / n;
+
+#pragma omp parallel for schedule(static) if (r->out->size > DF_PAR_MIN)
+  for (int s = 0; s < n; s++)
+    {
+      const float *d = dy + s * (sa + sb);
+
+      if (da != NULL)
+        for (gsize i = 0; i < sa; i++)
+          da[s * sa + i] += d[i];
+      if (db != NULL)
+        for (gsize i = 0; i < sb; i++)
+          db[s * sb + i] += d[sa + i];
+    }
+}
+
+DfTensor *
+df_concat (DfGraph *g, DfTensor *a, DfTensor *b)
+{
+  DfTensor *y;
+  int n;
+  gsize sa, sb;
+
+  g_return_val_if_fail (g != NULL && a != NULL && b != NULL, NULL);
+  g_return_val_if_fail (a->ndim == 4 && b->ndim == 4, NULL);
+  g_return_val_if_fail (a->shape[0] == b->shape[0] && a->shape[2] == b->shape[2]
+                        && a->shape[3] == b->shape[3], NULL);
+
+  n = a->shape[0];
+  sa = a->size / n;
+  sb = b->size / n;
+  y = df_graph_tensor_4d (g, n, a->shape[1] + b->shape[1], a->shape[2],
+                          a->shape[3]);
+  for (int s = 0; s < n; s++)
+    {
+      memcpy (y->data + s * (sa + sb), a->data + s * sa, sa * sizeof (float));
+      memcpy (y->data + s * (sa + sb) + sa, b->data + s * sb,
+              sb * sizeof (float));
+    }
+
+  if (df_graph_wants (g, a, b, NULL, NULL))
+    {
+      DfRecord *r = df_graph_push (g, concat_backward, y);
+
+      r->in[0] = a;
+      r->in[1] = b;
+    }
+  return y;
+}
+
+/* ---- image <-> tokens ---- */
+
+/* dst [N,B,A] (+)= src [N,A,B] transposed per sample. */
+static void
+transpose_batch (const float *src, float *dst, int n, int a, int b,
+                 gboolean add)
+{
+  gsize per = (gsize) a * b;
+
+#pragma omp parallel for collapse(2) schedule(static) if (n * per > DF_PAR_MIN)
+  for (int s = 0; s < n; s++)
+    for (int j = 0; j < b; j++)
+      {
+        const float *sp = src + s * per + j;
+        float *dp = dst + s * per + (gsize) j * a;
+
+        if (add)
+          for (int i = 0; i < a; i++)
+            dp[i] += sp[(gsize) i * b];
+        else
+          for (int i = 0; i < a; i++)
+            dp[i] = sp[(gsize) i * b];
+      }
+}
+
+static void
+to_tokens_backward (DfGraph *g, DfRecord *r)
+{
+  DfTensor *x = r->in[0];                        /* [N,C,L] */
+  int n = x->shape[0], c = x->shape[1];
+  int l = x->size / ((gsize) n * c);
+
+  transpose_batch (r->out->grad, df_tensor_grad (x), n, l, c, TRUE);
+}
+
+DfTensor *
+df_to_tokens (DfGraph *g, DfTensor *x)
+{
+  DfTensor *y;
+  int n, c, l, shape[3];
+
+  g_return_val_if_fail (g != NULL && x != NULL && x->ndim == 4, NULL);
+
+  n = x->shape[0];
+  c = x->shape[1];
+  l = x->shape[2] * x->shape[3];
+  shape[0] = n;
+  shape[1] = l;
+  shape[2] = c;
+  y = df_graph_tensor (g, 3, shape);
+  transpose_batch (x->data, y->data, n, c, l, FALSE);
+
+  if (df_graph_wants (g, x, NULL, NULL, NULL))
+    {
+      DfRecord *r = df_graph_push (g, to_tokens_backward, y);
+
+      r->in[0] = x;
+    }
+  return y;
+}
+
+static void
+from_tokens_backward (DfGraph *g, DfRecord *r)
+{
+  DfTensor *x = r->in[0];                        /* [N,L,C] */
+
+  transpose_batch (r->out->grad, df_tensor_grad (x), x->shape[0],
+                   x->shape[2], x->shape[1], TRUE);
+}
+
+DfTensor *
+df_from_tokens (DfGraph *g, DfTensor *x, int h, int w)
+{
+  DfTensor *y;
+  int n, l, c;
+
+  g_return_val_if_fail (g != NULL && x != NULL && x->ndim == 3, NULL);
+  g_return_val_if_fail (h >= 1 && w >= 1 && x->shape[1] == h * w, NULL);
+
+  n = x->shape[0];
+  l = x->shape[1];
+  c = x->shape[2];
+  y = df_graph_tensor_4d (g, n, c, h, w);
+  transpose_batch (x->data, y->data, n, l, c, FALSE);
+
+  if (df_graph_wants (g, x, NULL, NULL, NULL))
+    {
+      DfRecord *r = df_graph_push (g, from_tokens_backward, y);
+
+      r->in[0] = x;
+    }
+  return y;
+}

@@ -15,6 +15,13 @@ G_BEGIN_DECLS
 
 #define DF_MAX_BLOCKS 8
 
+#define DF_UNET_ERROR (df_unet_error_quark ())
+GQuark df_unet_error_quark (void);
+
+typedef enum {
+  DF_UNET_ERROR_CONFIG       /* a config value the engine cannot build */
+} DfUNetError;
+
 typedef struct {
   int      sample_size;
   int      in_channels, out_channels;
@@ -38,8 +45,9 @@ typedef struct {
 
 /* diffusers' defaults for UNet2DModel. */
 void      df_unet_config_init       (DfUNetConfig *cfg);
-/* Read a diffusers config object (unknown keys ignored, unsupported values
- * such as another act_fn or time_embedding_type are an error). */
+/* Read a diffusers config object: cfg starts from the defaults above, keys
+ * present override them (unknown keys ignored, unsupported values such as
+ * another act_fn or time_embedding_type are an error naming the key). */
 gboolean  df_unet_config_from_json  (DfUNetConfig *cfg, JsonObject *obj,
                                      GError **error);
 /* diffusers' keys, so the file loads in diffusers too. */
