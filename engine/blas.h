@@ -27,6 +27,29 @@ const char  *df_blas_corename         (void);
 const char  *df_blas_choice           (void);
 const char  *df_blas_cpu_coretype     (void);
 
+/* The CPU features that decide the core type: cpuid leaves 1 and 7, and
+ * xgetbv for the register state the operating system saves. */
+typedef struct {
+  gboolean avx, fma, avx2;
+  gboolean avx512f, avx512bw, avx512dq, avx512vl, avx512cd;
+  gboolean os_ymm;              /* XCR0 saves XMM and YMM */
+  gboolean os_zmm;              /* XCR0 saves opmask and all of ZMM */
+} DfCpuFeatures;
+
+/* This CPU's features (all FALSE off x86). */
+void         df_cpu_features_read     (DfCpuFeatures *f);
+/* The best OpenBLAS 0.3.21 core type f supports: "SkylakeX" (AVX512 F, BW,
+ * DQ, VL, CD), "Haswell" (AVX2 and FMA), "Sandybridge" (AVX), or NULL. */
+const char  *df_cpu_best_coretype     (const DfCpuFeatures *f);
+/* The pure decision: the core type to force given the CPU's features,
+ * the core OpenBLAS chose by itself and the user's OPENBLAS_CORETYPE (NULL
+ * when unset).  NULL keeps OpenBLAS's choice: the user set one, the name is
+ * not one diffuse knows, or it is already as strong as the CPU allows (Zen
+ * counts as Haswell-level, Cooperlake and SapphireRapids as SkylakeX). */
+const char  *df_blas_decide_coretype  (const DfCpuFeatures *f,
+                                       const char *openblas_corename,
+                                       const char *user_coretype);
+
 void         df_blas_set_threads      (int n);
 int          df_blas_get_threads      (void);
 

@@ -64,6 +64,12 @@ gboolean     df_model_eps            (DfModel *m, const float *x, int n, int t,
 gboolean     df_model_logits         (DfModel *m, const float *x, int n, int t,
                                       float *logits, GError **error);
 
+/* A DfGradFunc over a classifier (user_data the DfModel): grad[N,C,H,W] =
+ * d/dx sum_i log softmax(logits(x_i, t))[labels[i]]. */
+gboolean     df_model_class_grad     (gpointer classifier, const float *x,
+                                      int n, int t, const int *labels,
+                                      float *grad, GError **error);
+
 /* count samples (indices 0..count-1) in batches of batch into out
  * [count,C,H,W] in [-1, 1].  classifier: for DF_GUIDANCE_CLASSIFIER. */
 gboolean     df_model_generate       (DfModel *m, DfModel *classifier,

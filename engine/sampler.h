@@ -16,7 +16,8 @@ GQuark df_sampler_error_quark (void);
 
 typedef enum {
   DF_SAMPLER_ERROR_INVALID,     /* a parameter out of range */
-  DF_SAMPLER_ERROR_CANCELLED
+  DF_SAMPLER_ERROR_CANCELLED    /* unused: df_sample reports a cancel as
+                                 * G_IO_ERROR_CANCELLED */
 } DfSamplerError;
 
 typedef enum { DF_SAMPLER_DDIM, DF_SAMPLER_DDPM } DfSamplerKind;
@@ -53,7 +54,8 @@ typedef gboolean (*DfEpsFunc)  (gpointer user_data, const float *x, int n,
 typedef gboolean (*DfGradFunc) (gpointer user_data, const float *x, int n,
                                 int t, const int *labels, float *grad,
                                 GError **error);
-/* Called after each denoising step with the batch's predicted x0. */
+/* Called after each denoising step with the batch's predicted x0[N,C,H,W]
+ * (clipped when clip_x0); step counts the steps done, 1..total. */
 typedef void     (*DfProgressFunc) (gpointer user_data, int step, int total,
                                     const float *x0, int n);
 
@@ -77,7 +79,11 @@ void     df_sample_initial_noise (guint64 seed, guint64 index, int size,
 
 /* Denoise n samples with indices first..first+n-1 (noise keyed by p->seed
  * and the index) into out[N,C,H,W].  x_T: NULL draws the initial noise;
- * otherwise it is used as given. */
+ * otherwise it is used as given.  Step k draws its noise from stream
+ * (seed, first + i, k).  Free guidance calls d->eps once a step on 2n
+ * samples (labels first, then uncond_label), or on n only when scale is
+ * exactly 1 (conditional) or 0 (unconditional).  Cancellation is checked
+ * before every step and reported as G_IO_ERROR_CANCELLED. */
 gboolean df_sample (const DfSchedule *s, const DfDenoiser *d,
                     const DfSampleParams *p, guint64 first, int n,
                     const float *x_T, float *out,

@@ -37,7 +37,8 @@ typedef struct {
   const char  *checkpoint;       /* path, or NULL */
   double       checkpoint_minutes;
   gboolean     resume;           /* continue from checkpoint if it exists */
-  const char  *log_csv;          /* step,loss,lr,img_per_s; or NULL */
+  const char  *log_csv;          /* step,loss,smoothed_loss,lr,img_per_s
+                                    appended; or NULL */
   const char  *output;           /* EMA weights written here at the end */
 } DfTrainOptions;
 
@@ -54,22 +55,39 @@ typedef void (*DfTrainProgressFunc) (gpointer user_data,
 
 typedef struct _DfTrainer DfTrainer;
 
-/* The model (UNet or classifier) is trained in place; its weights become
- * the EMA weights when training ends.  data->num_classes must match. */
+/* The model (UNet or classifier) is trained in place from its current
+ * weights (initialise them first with df_unet_init); its weights become the
+ * EMA weights when df_trainer_run ends.  data must outlive the trainer and
+ * fit the model: same size and channels, and for a class-conditional UNet or
+ * a classifier the same number of classes.  Sample i of step s draws its
+ * image, flip, timestep and label drop from df_rng_u64 and its noise from
+ * df_rng_normal, keyed by (o->seed, i, s): a run is reproducible, and a
+ * resumed run continues bit for bit. */
 DfTrainer *df_trainer_new       (DfModel *m, const DfDataset *data,
                                  const DfTrainOptions *o, GError **error);
 void       df_trainer_free      (DfTrainer *t);
-/* Load the checkpoint if o->resume and it exists. */
+/* Load the checkpoint if o->resume and it exists: weights, EMA, Adam's
+ * moments and the step.  Rows of o->log_csv after that step are dropped. */
 gboolean   df_trainer_resume    (DfTrainer *t, gboolean *resumed, GError **error);
 int        df_trainer_step_index(DfTrainer *t);
 /* One optimiser step; returns the batch loss in *loss. */
 gboolean   df_trainer_step      (DfTrainer *t, double *loss, GError **error);
+/* Write o->checkpoint (atomically; weights, "ema.", "adam_m.", "adam_v."
+ * tensors, model metadata so df_model_load reads it, "train.*" metadata) and
+ * o->output (the EMA weights, with df_model_save); either may be NULL. */
 gboolean   df_trainer_save_checkpoint (DfTrainer *t, GError **error);
 /* Copy the EMA weights into the model. */
 void       df_trainer_apply_ema (DfTrainer *t);
-/* Steps until o->steps, with checkpoints, log and progress. */
+/* Steps until o->steps, with checkpoints every o->checkpoint_minutes and
+ * at the end, a CSV row and a progress call per step.  Cancelling saves a
+ * checkpoint and returns DF_TRAIN_ERROR_CANCELLED. */
 gboolean   df_trainer_run       (DfTrainer *t, DfTrainProgressFunc progress,
                                  gpointer data, GCancellable *cancellable,
+                                 GError **error);
+
+/* Plot a log written by df_trainer_run (smoothed loss against step, log y,
+ * raw loss faint behind it) as a PNG. */
+gboolean   df_train_plot_loss   (const char *csv, const char *png,
                                  GError **error);
 
 G_END_DECLS
