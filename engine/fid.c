@@ -52,7 +52,8 @@ df_sym_eigen (double *a, int d, double *evals, double *evecs)
             /* The rotation angle that zeroes a[p][q] (Golub & Van Loan
              * 8.4.2), the smaller root for stability. */
             theta = (aqq - app) / (2 * apq);
-            t = (theta >= 0 ? 1 : -1) / (fabs (theta) + sqrt (theta * theta + 1));
+            t = (theta >= 0 ? 1 : -1)
+                / (fabs (theta) + sqrt (theta * theta + 1));
             c = 1 / sqrt (t * t + 1);
             s = t * c;
 
@@ -177,7 +178,8 @@ df_frechet_distance (const double *mu1, const double *s1,
   double dist = 0, tr_sqrt = 0;
 
   for (int j = 0; j < d; j++)
-    dist += (mu1[j] - mu2[j]) * (mu1[j] - mu2[j]) + s1[j * d + j] + s2[j * d + j];
+    dist += (mu1[j] - mu2[j]) * (mu1[j] - mu2[j])
+            + s1[j * d + j] + s2[j * d + j];
 
   /* M = sqrt(S1) S2 sqrt(S1) is symmetric positive semi-definite and similar
    * to S1 S2, so tr sqrt(S1 S2) = sum of sqrt(eig(M)). */
@@ -234,15 +236,17 @@ df_features_new (DfModel *classifier, GError **error)
   const DfParam *params;
   int n_params, k, dim = 0, n_head = 0;
   DfFeatures *f;
+  const char *name;
 
   g_return_val_if_fail (classifier != NULL, NULL);
+  name = df_model_path (classifier) ? df_model_path (classifier) : "model";
 
   if (!df_model_is_classifier (classifier))
     {
       g_set_error (error, DF_MODEL_ERROR, DF_MODEL_ERROR_INVALID,
                    "%s is a diffusion model, not a classifier: features come "
                    "from a classifier file (train one with --task classifier)",
-                   df_model_path (classifier) ? df_model_path (classifier) : "model");
+                   name);
       return NULL;
     }
   src = df_model_net (classifier);
@@ -264,7 +268,7 @@ df_features_new (DfModel *classifier, GError **error)
     {
       g_set_error (error, DF_MODEL_ERROR, DF_MODEL_ERROR_FORMAT,
                    "%s: no [%d, D] output layer found in the classifier",
-                   df_model_path (classifier) ? df_model_path (classifier) : "model", k);
+                   name, k);
       return NULL;
     }
 
@@ -305,7 +309,7 @@ df_features_new (DfModel *classifier, GError **error)
           g_set_error (error, DF_MODEL_ERROR, DF_MODEL_ERROR_FORMAT,
                        "%s: classifier parameter %s does not fit the "
                        "feature network",
-                       df_model_path (classifier) ? df_model_path (classifier) : "model",
+                       name,
                        params[i].name);
           df_features_free (f);
           return NULL;
@@ -315,7 +319,7 @@ df_features_new (DfModel *classifier, GError **error)
     {
       g_set_error (error, DF_MODEL_ERROR, DF_MODEL_ERROR_FORMAT,
                    "%s: expected one output layer in the classifier, found %d",
-                   df_model_path (classifier) ? df_model_path (classifier) : "model",
+                   name,
                    n_head);
       df_features_free (f);
       return NULL;

@@ -1,0 +1,295 @@
+/* eval.c: `diffuse eval`: how recognisable and how varied the samples of a
+ * class-conditional UNet are, measured with the noisy classifier at t = 0.
+ *
+ * Accuracy: the classifier's argmax against the class asked for.  Frechet
+ * distance: Gaussian fits of the classifier's penultimate features of the
+ * samples and of the test set; the same distance between 10,000 training
+ * images and the test set is the floor a perfect model would reach.
+ */
+#include "cli.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "dataset.h"
+#include "fid.h"
+
+#define EVAL_CHUNK 100     /* images per classifier forward pass */
+
+/* Mean and covariance of the features of x[N,C,H,W]. */
+static gboolean
+feature_stats (DfFeatures *feat, const float *x, int n, gsize image,
+               double *mu, double *cov, CliProgress *progress, GError **error)
+{
+  int d = df_features_dim (feat);
+  float *f = g_new (float, (gsize) n * d);      /* [N,D] */
+  gboolean ok = TRUE;
+
+  for (int i = 0; i < n && ok; i += EVAL_CHUNK)
+    {
+      int b = MIN (EVAL_CHUNK, n - i);
+      ok = df_features_compute (feat, x + i * image, b, 0, f + (gsize) i * d,
+                                error);
+      if (ok && g_cancellable_set_error_if_cancelled (cli_cancellable (), error))
+        ok = FALSE;
+      cli_progress_step (progress);
+    }
+  if (ok)
+    df_feature_stats (f, n, d, mu, cov);
+  g_free (f);
+  return ok;
+}
+
+int
+cli_eval (int argc, char **argv)
+{
+  char *model_path = NULL, *classifier_path = NULL, *data_dir = NULL;
+  char *seed_str = NULL;
+  int count = 1000, steps = 50, batch = 25, threads = 0, n_train = 10000;
+  int n_test = 0;
+  double scale = 3.0;
+  gboolean quiet = FALSE;
+  GOptionEntry entries[] = {
+    { "model", 'm', 0, G_OPTION_ARG_FILENAME, &model_path,
+      "Class-conditional UNet (default: the shipped one)", "PATH" },
+    { "classifier", 0, 0, G_OPTION_ARG_FILENAME, &classifier_path,
+      "Noisy classifier (default: the shipped one)", "PATH" },
+    { "data", 'd', 0, G_OPTION_ARG_FILENAME, &data_dir,
+      "Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)",
+      "DIR" },
+    { "count", 'n', 0, G_OPTION_ARG_INT, &count,
+      "Samples, spread evenly over the classes (default 1000)", "N" },
+    { "steps", 's', 0, G_OPTION_ARG_INT, &steps,
+      "DDIM steps, eta 0 (default 50)", "N" },
+    { "guidance-scale", 0, 0, G_OPTION_ARG_DOUBLE, &scale,
+      "Classifier-free guidance scale (default 3)", "S" },
+    { "seed", 0, 0, G_OPTION_ARG_STRING, &seed_str,
+      "Seed of class 0; class k uses seed + k (default 0)", "N" },
+    { "batch", 'b', 0, G_OPTION_ARG_INT, &batch,
+      "Samples per forward pass (default 25)", "N" },
+    { "train-count", 0, 0, G_OPTION_ARG_INT, &n_train,
+      "Training images for the floor (default 10000)", "N" },
+    { "test-count", 0, 0, G_OPTION_ARG_INT, &n_test,
+      "Test images compared against (default 0: all)", "N" },
+    { "threads", 'j', 0, G_OPTION_ARG_INT, &threads,
+      "Threads (default 0: all cores)", "N" },
+    { "quiet", 'q', 0, G_OPTION_ARG_NONE, &quiet, "No progress line", NULL },
+    { NULL }
+  };
+  GError *error = NULL;
+  DfModel *m = NULL, *cls = NULL;
+  DfDataset *test = NULL, *train = NULL;
+  DfFeatures *feat = NULL;
+  DfSampleParams p;
+  CliProgress progress;
+  float *samples = NULL, *logits = NULL;
+  int *correct = NULL, *asked = NULL;
+  double *mu_s = NULL, *cov_s = NULL, *mu_t = NULL, *cov_t = NULL;
+  double *mu_r = NULL, *cov_r = NULL;
+  guint64 seed = 0;
+  gboolean ok = FALSE;
+  int k, c, s, d, hits = 0;
+  gsize image;
+
+  if (!cli_parse ("eval", "", "Class accuracy (by the classifier at t = 0) "
+                  "and Frechet distance in its features of guided samples, "
+                  "beside the floor of real training images.",
+                  entries, &argc, &argv, &error))
+    goto out;
+
+  /* Options, then models, then data. */
+  if (count < 2 || steps < 1 || batch < 1 || n_train < 2 || threads < 0
+      || n_test < 0 || n_test == 1
+      || !isfinite (scale))
+    {
+      g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID, "eval: %s",
+                   count < 2 ? "--count: give at least 2 samples"
+                   : steps < 1 ? "--steps: give at least 1"
+                   : batch < 1 ? "--batch: give at least 1"
+                   : n_train < 2 ? "--train-count: give at least 2"
+                   : threads < 0 ? "--threads: give 0 (all cores) or more"
+                   : n_test < 0 || n_test == 1
+                   ? "--test-count: give 0 (all) or at least 2"
+                   : "--guidance-scale: give a finite number");
+      goto out;
+    }
+  if (seed_str && !cli_parse_u64 ("--seed", seed_str, &seed, &error))
+    goto out;
+
+  df_set_threads (threads);
+  m = cli_load_model (model_path, CLI_UNET_FILE, &error);
+  if (m == NULL)
+    goto out;
+  cls = cli_load_model (classifier_path, CLI_CLASSIFIER_FILE, &error);
+  if (cls == NULL)
+    goto out;
+  k = df_model_num_classes (m);
+  c = df_model_channels (m);
+  s = df_model_size (m);
+  image = (gsize) c * s * s;
+  if (df_model_is_classifier (m) || k <= 0 || df_model_uncond_class (m) < 0)
+    {
+      g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "eval: %s is not a class-conditional UNet with an "
+                   "unconditional class", df_model_path (m));
+      goto out;
+    }
+  if (!df_model_is_classifier (cls) || df_model_num_classes (cls) != k
+      || df_model_channels (cls) != c || df_model_size (cls) != s)
+    {
+      g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "eval: %s is not a noisy classifier for %s (%d classes "
+                   "of %d x %d x %d images)", df_model_path (cls),
+                   df_model_path (m), k, c, s, s);
+      goto out;
+    }
+  if (steps > df_model_schedule (m)->T)
+    {
+      g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--steps %d: %s has %d timesteps", steps,
+                   df_model_path (m), df_model_schedule (m)->T);
+      goto out;
+    }
+  feat = df_features_new (cls, &error);
+  if (feat == NULL)
+    goto out;
+  d = df_features_dim (feat);
+
+  if (data_dir == NULL)
+    data_dir = g_strdup ("/usr/share/datasets/fashion-mnist");
+  test = df_dataset_load (data_dir, "test", s, c, &error);
+  if (test == NULL)
+    goto out;
+  train = df_dataset_load (data_dir, "train", s, c, &error);
+  if (train == NULL)
+    goto out;
+  n_train = MIN (n_train, train->n);
+  n_test = n_test > 0 ? MIN (n_test, test->n) : test->n;
+
+  /* Samples: class j gets count / k, the first count % k one more. */
+  samples = g_new (float, (gsize) count * image);   /* [count,C,H,W] */
+  asked = g_new (int, count);                       /* [count] */
+  df_sample_params_init (&p);
+  p.steps = steps;
+  p.guidance = DF_GUIDANCE_FREE;
+  p.scale = scale;
+  cli_progress_init (&progress, "eval: sampling", 0, quiet);
+  for (int j = 0; j < k; j++)
+    {
+      int nj = count / k + (j < count % k);
+      progress.total += steps * ((nj + batch - 1) / batch);
+    }
+  for (int j = 0, first = 0; j < k; j++)
+    {
+      int nj = count / k + (j < count % k);
+
+      if (nj == 0)
+        continue;
+      p.label = j;
+      p.seed = seed + j;
+      if (!df_model_generate (m, NULL, &p, nj, MIN (batch, nj),
+                              samples + first * image, cli_progress_sampler,
+                              &progress, cli_cancellable (), &error))
+        {
+          cli_progress_finish (&progress);
+          goto out;
+        }
+      for (int i = 0; i < nj; i++)
+        asked[first + i] = j;
+      first += nj;
+    }
+  cli_progress_finish (&progress);
+
+  /* Accuracy at t = 0. */
+  logits = g_new (float, (gsize) EVAL_CHUNK * k);   /* [chunk,K] */
+  correct = g_new0 (int, k);
+  for (int i = 0; i < count; i += EVAL_CHUNK)
+    {
+      int b = MIN (EVAL_CHUNK, count - i);
+      if (!df_model_logits (cls, samples + i * image, b, 0, logits, &error))
+        goto out;
+      for (int r = 0; r < b; r++)
+        {
+          int best = 0;
+          for (int j = 1; j < k; j++)
+            if (logits[r * k + j] > logits[r * k + best])
+              best = j;
+          if (best == asked[i + r])
+            {
+              hits++;
+              correct[best]++;
+            }
+        }
+    }
+
+  /* Frechet distances in the penultimate features. */
+  mu_s = g_new (double, d);
+  mu_t = g_new (double, d);
+  mu_r = g_new (double, d);
+  cov_s = g_new (double, (gsize) d * d);
+  cov_t = g_new (double, (gsize) d * d);
+  cov_r = g_new (double, (gsize) d * d);
+  cli_progress_init (&progress, "eval: features",
+                     (count + EVAL_CHUNK - 1) / EVAL_CHUNK
+                     + (n_test + EVAL_CHUNK - 1) / EVAL_CHUNK
+                     + (n_train + EVAL_CHUNK - 1) / EVAL_CHUNK, quiet);
+  ok = feature_stats (feat, samples, count, image, mu_s, cov_s, &progress,
+                      &error)
+    && feature_stats (feat, test->images, n_test, image, mu_t, cov_t,
+                      &progress, &error)
+    && feature_stats (feat, train->images, n_train, image, mu_r, cov_r,
+                      &progress, &error);
+  cli_progress_finish (&progress);
+  if (!ok)
+    goto out;
+
+  {
+    double fd = df_frechet_distance (mu_s, cov_s, mu_t, cov_t, d);
+    double floor_fd = df_frechet_distance (mu_r, cov_r, mu_t, cov_t, d);
+
+    printf ("samples: %d over %d classes, DDIM %d steps, eta 0, "
+            "classifier-free guidance scale %g, seed %" G_GUINT64_FORMAT "\n",
+            count, k, steps, scale, seed);
+    printf ("accuracy: %.2f%% (%d of %d asked classes by %s at t = 0)\n",
+            100.0 * hits / count, hits, count, df_model_path (cls));
+    for (int j = 0; j < k; j++)
+      {
+        int nj = count / k + (j < count % k);
+        printf ("  %d %-16s %6.2f%% of %d\n", j,
+                df_model_class_name (m, j) ? df_model_class_name (m, j) : "",
+                nj ? 100.0 * correct[j] / nj : 0.0, nj);
+      }
+    printf ("frechet distance: %.6g (samples vs %d test images, %d features)\n",
+            fd, n_test, d);
+    printf ("frechet floor: %.6g (%d training images vs the test images)\n",
+            floor_fd, n_train);
+    printf ("ratio: %.2f x the floor\n", floor_fd > 0 ? fd / floor_fd : INFINITY);
+  }
+
+out:
+  g_free (mu_s);
+  g_free (mu_t);
+  g_free (mu_r);
+  g_free (cov_s);
+  g_free (cov_t);
+  g_free (cov_r);
+  g_free (correct);
+  g_free (logits);
+  g_free (asked);
+  g_free (samples);
+  df_features_free (feat);
+  if (train)
+    df_dataset_free (train);
+  if (test)
+    df_dataset_free (test);
+  if (cls)
+    df_model_free (cls);
+  if (m)
+    df_model_free (m);
+  g_free (model_path);
+  g_free (classifier_path);
+  g_free (data_dir);
+  g_free (seed_str);
+  return ok ? 0 : cli_fail (error);
+}
