@@ -183,7 +183,8 @@ df_trainer_new (DfModel *m, const DfDataset *data, const DfTrainOptions *o,
                    channels);
       return NULL;
     }
-  if (df_model_is_classifier (m) && cfg->classifier_classes != data->num_classes)
+  if (df_model_is_classifier (m)
+      && cfg->classifier_classes != data->num_classes)
     {
       g_set_error (error, DF_TRAIN_ERROR, DF_TRAIN_ERROR_INVALID,
                    "the classifier has %d classes but the data set %d; make "
@@ -805,9 +806,6 @@ df_trainer_resume (DfTrainer *t, gboolean *resumed, GError **error)
   t->smoothed = v != NULL ? g_ascii_strtod (v, NULL) : NAN;
   t->have_smoothed = isfinite (t->smoothed);
   df_safetensors_free (st);
-
-  if (t->log_csv != NULL && !truncate_log (t->log_csv, t->step, error))
-    return FALSE;
   g_debug ("resumed from %s at step %d", t->checkpoint, t->step);
   if (resumed != NULL)
     *resumed = TRUE;
@@ -858,7 +856,11 @@ df_trainer_run (DfTrainer *t, DfTrainProgressFunc progress, gpointer data,
   g_return_val_if_fail (t != NULL, FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  if (t->log_csv != NULL && (log = open_log (t->log_csv, error)) == NULL)
+  /* The log holds this training's history: rows after the current step
+   * (all of them for a fresh start) belong to a run that is being redone. */
+  if (t->log_csv != NULL
+      && (!truncate_log (t->log_csv, t->step, error)
+          || (log = open_log (t->log_csv, error)) == NULL))
     return FALSE;
   start = last_save = g_get_monotonic_time ();
   first = t->step;
@@ -898,7 +900,8 @@ df_trainer_run (DfTrainer *t, DfTrainProgressFunc progress, gpointer data,
       p.steps = t->o.steps;
       p.loss = loss;
       p.smoothed_loss = t->smoothed;
-      p.img_per_s = (t->step - first) * (double) t->o.batch / MAX (elapsed, 1e-9);
+      p.img_per_s = (t->step - first) * (double) t->o.batch
+                    / MAX (elapsed, 1e-9);
       p.eta_seconds = (t->o.steps - t->step) * elapsed / (t->step - first);
       if (log != NULL)
         log_row (log, &p);
@@ -952,6 +955,8 @@ df_train_plot_loss (const char *csv, const char *png, GError **error)
   cairo_t *cr;
   cairo_status_t status;
   double xmax = 0, ymin = G_MAXDOUBLE, ymax = 0, lo, hi, xstep;
+  static const double coarse[3] = { 1, 2, 5 };
+  int n_ticks = 0;
   gboolean ok = TRUE;
 
   g_return_val_if_fail (csv != NULL && png != NULL, FALSE);
@@ -1027,11 +1032,18 @@ df_train_plot_loss (const char *csv, const char *png, GError **error)
   cairo_set_font_size (cr, 13);
   cairo_set_line_width (cr, 1);
 
-  /* Grid and tick labels: 1, 2, 5 per decade on y; nice steps on x. */
+  /* Grid and tick labels: 1, 2, 5 per decade on y (every digit when the
+   * range is too narrow for two of those); nice steps on x. */
   for (int dec = (int) floor (lo); dec <= (int) ceil (hi); dec++)
     for (int k = 0; k < 3; k++)
       {
-        double v = (k == 0 ? 1 : k == 1 ? 2 : 5) * pow (10, dec);
+        double v = log10 (coarse[k] * pow (10, dec));
+        n_ticks += v >= lo && v <= hi;
+      }
+  for (int dec = (int) floor (lo); dec <= (int) ceil (hi); dec++)
+    for (int k = 0; k < (n_ticks >= 2 ? 3 : 9); k++)
+      {
+        double v = (n_ticks >= 2 ? coarse[k] : k + 1) * pow (10, dec);
         char label[32];
         cairo_text_extents_t ext;
 

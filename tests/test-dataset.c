@@ -1,0 +1,596 @@
+/* test-dataset.c: IDX files and class folders load with the right values,
+ * and every malformed input is an error naming the file. */
+#include <gdk-pixbuf/gdk-pixbuf.h>
+#include <glib/gstdio.h>
+#include <math.h>
+#include <string.h>
+#include <zlib.h>
+
+#include "dataset.h"
+
+/* ---- fixtures ---- */
+
+static void
+rm_rf (const char *path)
+{
+  GDir *d = g_dir_open (path, 0, NULL);
+
+  if (d != NULL)
+    {
+      const char *name;
+
+      while ((name = g_dir_read_name (d)) != NULL)
+        {
+          char *child = g_build_filename (path, name, NULL);
+          rm_rf (child);
+          g_free (child);
+        }
+      g_dir_close (d);
+    }
+  g_remove (path);
+}
+
+static char *
+make_tmp (const char *tmpl)
+{
+  GError *error = NULL;
+  char *dir = g_dir_make_tmp (tmpl, &error);
+
+  g_assert_no_error (error);
+  return dir;
+}
+
+static void
+put_be32 (GByteArray *b, guint32 v)
+{
+  guint8 x[4] = { v >> 24, v >> 16, v >> 8, v };
+  g_byte_array_append (b, x, 4);
+}
+
+/* IDX bytes: images [n,rows,cols] with pixel (i,y,x) = (i*31 + y*7 + x*3)
+ * mod 256, labels i mod 3. */
+static GByteArray *
+idx_images (guint32 magic, int n, int rows, int cols)
+{
+  GByteArray *b = g_byte_array_new ();
+
+  put_be32 (b, magic);
+  put_be32 (b, n);
+  put_be32 (b, rows);
+  put_be32 (b, cols);
+  for (int i = 0; i < n; i++)
+    for (int y = 0; y < rows; y++)
+      for (int x = 0; x < cols; x++)
+        {
+          guint8 v = (i * 31 + y * 7 + x * 3) % 256;
+          g_byte_array_append (b, &v, 1);
+        }
+  return b;
+}
+
+static GByteArray *
+idx_labels (guint32 magic, int n)
+{
+  GByteArray *b = g_byte_array_new ();
+
+  put_be32 (b, magic);
+  put_be32 (b, n);
+  for (int i = 0; i < n; i++)
+    {
+      guint8 v = i % 3;
+      g_byte_array_append (b, &v, 1);
+    }
+  return b;
+}
+
+/* Write b (its first len bytes, -1: all) to dir/name, gzipped or not. */
+static char *
+write_file (const char *dir, const char *name, GByteArray *b, int len,
+            gboolean gz)
+{
+  char *path = g_build_filename (dir, name, NULL);
+  gsize n = len < 0 ? b->len : (gsize) len;
+
+  if (gz)
+    {
+      gzFile f = gzopen (path, "wb");
+      g_assert_nonnull (f);
+      g_assert_cmpint (gzwrite (f, b->data, n), ==, (int) n);
+      g_assert_cmpint (gzclose (f), ==, Z_OK);
+    }
+  else
+    {
+      GError *error = NULL;
+      g_file_set_contents (path, (const char *) b->data, n, &error);
+      g_assert_no_error (error);
+    }
+  g_byte_array_unref (b);
+  return path;
+}
+
+/* A constant-colour PNG, w x h, RGB or RGBA. */
+static void
+write_png (const char *path, int w, int h, guint8 r, guint8 g, guint8 bl,
+           int alpha)
+{
+  GdkPixbuf *pb = gdk_pixbuf_new (GDK_COLORSPACE_RGB, alpha >= 0, 8, w, h);
+  GError *error = NULL;
+
+  gdk_pixbuf_fill (pb, ((guint32) r << 24) | ((guint32) g << 16)
+                       | ((guint32) bl << 8) | (alpha >= 0 ? alpha : 255));
+  gdk_pixbuf_save (pb, path, "png", &error, NULL);
+  g_assert_no_error (error);
+  g_object_unref (pb);
+}
+
+/* ---- IDX ---- */
+
+static void
+check_idx_values (gboolean gz)
+{
+  char *dir = make_tmp ("df-idx-XXXXXX");
+  char *img = write_file (dir, gz ? "i.gz" : "i", idx_images (0x803, 5, 4, 6),
+                          -1, gz);
+  char *lab = write_file (dir, gz ? "l.gz" : "l", idx_labels (0x801, 5), -1,
+                          gz);
+  GError *error = NULL;
+  DfDataset *d = df_dataset_load_idx (img, lab, 0, &error);
+  double worst = 0;
+
+  g_assert_no_error (error);
+  g_assert_nonnull (d);
+  g_assert_cmpint (d->n, ==, 5);
+  g_assert_cmpint (d->c, ==, 1);
+  g_assert_cmpint (d->h, ==, 4);
+  g_assert_cmpint (d->w, ==, 6);
+  for (int i = 0; i < 5; i++)
+    {
+      g_assert_cmpint (d->labels[i], ==, i % 3);
+      for (int y = 0; y < 4; y++)
+        for (int x = 0; x < 6; x++)
+          {
+            double want = ((i * 31 + y * 7 + x * 3) % 256) / 127.5 - 1.0;
+            worst = MAX (worst, fabs (d->images[(i * 4 + y) * 6 + x] - want));
+          }
+    }
+  g_test_message ("worst pixel difference %g", worst);
+  g_assert_cmpfloat (worst, <=, 1e-6);
+  g_assert_cmpint (d->num_classes, ==, 10);
+  g_assert_cmpstr (d->class_names[0], ==, "0");
+  g_assert_cmpstr (d->class_names[9], ==, "9");
+  g_assert_null (d->class_names[10]);
+
+  df_dataset_free (d);
+  rm_rf (dir);
+  g_free (img);
+  g_free (lab);
+  g_free (dir);
+}
+
+static void
+test_idx_gz (void)
+{
+  check_idx_values (TRUE);
+}
+
+static void
+test_idx_plain (void)
+{
+  check_idx_values (FALSE);
+}
+
+/* 2x2 -> 4x4 against torch.nn.functional.interpolate (bilinear,
+ * align_corners=False). */
+static void
+test_idx_resize (void)
+{
+  static const float want[16] = { -1.0f, -0.5f, 0.5f, 1.0f,
+                                  -0.5f, -0.25f, 0.25f, 0.5f,
+                                  0.5f, 0.25f, -0.25f, -0.5f,
+                                  1.0f, 0.5f, -0.5f, -1.0f };
+  static const guint8 px[4] = { 0, 255, 255, 0 };
+  char *dir = make_tmp ("df-idx-XXXXXX");
+  GByteArray *b = g_byte_array_new ();
+  char *img, *lab;
+  GError *error = NULL;
+  DfDataset *d;
+  double worst = 0;
+
+  put_be32 (b, 0x803);
+  put_be32 (b, 1);
+  put_be32 (b, 2);
+  put_be32 (b, 2);
+  g_byte_array_append (b, px, 4);
+  img = write_file (dir, "i", b, -1, FALSE);
+  lab = write_file (dir, "l", idx_labels (0x801, 1), -1, FALSE);
+
+  d = df_dataset_load_idx (img, lab, 4, &error);
+  g_assert_no_error (error);
+  g_assert_cmpint (d->h, ==, 4);
+  g_assert_cmpint (d->w, ==, 4);
+  for (int k = 0; k < 16; k++)
+    worst = MAX (worst, fabs (d->images[k] - want[k]));
+  g_test_message ("worst difference from torch %g", worst);
+  g_assert_cmpfloat (worst, <=, 1e-6);
+
+  df_dataset_free (d);
+  rm_rf (dir);
+  g_free (img);
+  g_free (lab);
+  g_free (dir);
+}
+
+/* A failing load: no data set, an error of that code naming the file. */
+static void
+assert_fails (const char *img, const char *lab, int code, const char *name,
+              const char *also)
+{
+  GError *error = NULL;
+  DfDataset *d = df_dataset_load_idx (img, lab, 0, &error);
+
+  g_assert_null (d);
+  g_assert_error (error, DF_DATASET_ERROR, code);
+  g_test_message ("%s", error->message);
+  g_assert_nonnull (strstr (error->message, name));
+  if (also != NULL)
+    g_assert_nonnull (strstr (error->message, also));
+  g_error_free (error);
+}
+
+static void
+test_idx_wrong_magic (void)
+{
+  char *dir = make_tmp ("df-idx-XXXXXX");
+  /* Labels where images are expected, and the reverse. */
+  char *img = write_file (dir, "i.gz", idx_images (0x803, 3, 4, 4), -1, TRUE);
+  char *lab = write_file (dir, "l.gz", idx_labels (0x801, 3), -1, TRUE);
+  char *bad = write_file (dir, "bad.gz", idx_images (0x80b, 3, 4, 4), -1,
+                          TRUE);
+
+  assert_fails (lab, img, DF_DATASET_ERROR_FORMAT, lab, "magic");
+  assert_fails (img, img, DF_DATASET_ERROR_FORMAT, img, "magic");
+  assert_fails (bad, lab, DF_DATASET_ERROR_FORMAT, bad, "magic");
+
+  rm_rf (dir);
+  g_free (img);
+  g_free (lab);
+  g_free (bad);
+  g_free (dir);
+}
+
+static void
+test_idx_truncated (void)
+{
+  char *dir = make_tmp ("df-idx-XXXXXX");
+  int full = 16 + 3 * 4 * 4;
+  char *img_gz = write_file (dir, "i.gz", idx_images (0x803, 3, 4, 4),
+                             full - 5, TRUE);
+  char *img = write_file (dir, "i", idx_images (0x803, 3, 4, 4), full - 1,
+                          FALSE);
+  char *head = write_file (dir, "h", idx_images (0x803, 3, 4, 4), 10, FALSE);
+  char *lab = write_file (dir, "l", idx_labels (0x801, 3), -1, FALSE);
+  char *lab_short = write_file (dir, "ls", idx_labels (0x801, 3), 10, FALSE);
+  char *gz_cut, *text;
+  gsize len;
+
+  assert_fails (img_gz, lab, DF_DATASET_ERROR_FORMAT, img_gz, "truncated");
+  assert_fails (img, lab, DF_DATASET_ERROR_FORMAT, img, "truncated");
+  assert_fails (head, lab, DF_DATASET_ERROR_FORMAT, head, "truncated");
+  assert_fails (img_gz, lab_short, DF_DATASET_ERROR_FORMAT, img_gz, NULL);
+
+  /* A gzip stream cut short (not only short content): damaged. */
+  g_assert_true (g_file_get_contents (img_gz, &text, &len, NULL));
+  gz_cut = g_build_filename (dir, "cut.gz", NULL);
+  g_assert_true (g_file_set_contents (gz_cut, text, len - 12, NULL));
+  assert_fails (gz_cut, lab, DF_DATASET_ERROR_FORMAT, gz_cut, NULL);
+
+  rm_rf (dir);
+  g_free (text);
+  g_free (gz_cut);
+  g_free (img_gz);
+  g_free (img);
+  g_free (head);
+  g_free (lab);
+  g_free (lab_short);
+  g_free (dir);
+}
+
+static void
+test_idx_count_mismatch (void)
+{
+  char *dir = make_tmp ("df-idx-XXXXXX");
+  char *img = write_file (dir, "i", idx_images (0x803, 4, 4, 4), -1, FALSE);
+  char *lab = write_file (dir, "l", idx_labels (0x801, 3), -1, FALSE);
+
+  assert_fails (img, lab, DF_DATASET_ERROR_FORMAT, lab, "4 images");
+
+  rm_rf (dir);
+  g_free (img);
+  g_free (lab);
+  g_free (dir);
+}
+
+static void
+test_idx_missing (void)
+{
+  char *dir = make_tmp ("df-idx-XXXXXX");
+  char *lab = write_file (dir, "l", idx_labels (0x801, 3), -1, FALSE);
+  char *none = g_build_filename (dir, "no-such-images.gz", NULL);
+  GError *error = NULL;
+  DfDataset *d;
+
+  assert_fails (none, lab, DF_DATASET_ERROR_IO, none, NULL);
+
+  /* A folder with images but no labels file beside them. */
+  g_free (write_file (dir, "train-images-idx3-ubyte.gz",
+                      idx_images (0x803, 3, 4, 4), -1, TRUE));
+  g_remove (lab);
+  d = df_dataset_load (dir, "train", 0, 1, &error);
+  g_assert_null (d);
+  g_assert_error (error, DF_DATASET_ERROR, DF_DATASET_ERROR_IO);
+  g_test_message ("%s", error->message);
+  g_assert_nonnull (strstr (error->message, "train-labels-idx1-ubyte"));
+  g_clear_error (&error);
+
+  rm_rf (dir);
+  g_free (lab);
+  g_free (none);
+  g_free (dir);
+}
+
+/* A folder called fashion... holding IDX files gets Fashion-MNIST's names;
+ * split test reads t10k-*; 3 channels replicate the gray. */
+static void
+test_idx_folder_fashion (void)
+{
+  char *dir = make_tmp ("df-fashion-XXXXXX");
+  GError *error = NULL;
+  DfDataset *d;
+
+  g_free (write_file (dir, "train-images-idx3-ubyte.gz",
+                      idx_images (0x803, 6, 4, 4), -1, TRUE));
+  g_free (write_file (dir, "train-labels-idx1-ubyte.gz",
+                      idx_labels (0x801, 6), -1, TRUE));
+  g_free (write_file (dir, "t10k-images-idx3-ubyte",
+                      idx_images (0x803, 2, 4, 4), -1, FALSE));
+  g_free (write_file (dir, "t10k-labels-idx1-ubyte",
+                      idx_labels (0x801, 2), -1, FALSE));
+
+  d = df_dataset_load (dir, NULL, 0, 1, &error);
+  g_assert_no_error (error);
+  g_assert_cmpint (d->n, ==, 6);
+  g_assert_cmpint (d->num_classes, ==, 10);
+  g_assert_cmpstr (d->class_names[0], ==, "T-shirt/top");
+  g_assert_cmpstr (d->class_names[9], ==, "Ankle boot");
+  df_dataset_free (d);
+
+  d = df_dataset_load (dir, "test", 0, 3, &error);
+  g_assert_no_error (error);
+  g_assert_cmpint (d->n, ==, 2);
+  g_assert_cmpint (d->c, ==, 3);
+  for (int c = 0; c < 3; c++)
+    g_assert_cmpfloat (d->images[(1 * 3 + c) * 16 + 5], ==,
+                       ((31 + 7 + 3) % 256) / 127.5f - 1.0f);
+  df_dataset_free (d);
+
+  rm_rf (dir);
+  g_free (dir);
+}
+
+/* The real Fashion-MNIST test split, when installed. */
+static void
+test_idx_real_fashion (void)
+{
+  const char *dir = "/usr/share/datasets/fashion-mnist";
+  GError *error = NULL;
+  DfDataset *d;
+  int counts[10] = { 0 };
+  double lo = 1, hi = -1;
+
+  if (!g_file_test (dir, G_FILE_TEST_IS_DIR))
+    {
+      g_test_skip ("no /usr/share/datasets/fashion-mnist");
+      return;
+    }
+  d = df_dataset_load (dir, "test", 32, 1, &error);
+  g_assert_no_error (error);
+  g_assert_cmpint (d->n, ==, 10000);
+  g_assert_cmpint (d->h, ==, 32);
+  g_assert_cmpstr (d->class_names[7], ==, "Sneaker");
+  for (int i = 0; i < d->n; i++)
+    counts[d->labels[i]]++;
+  for (gsize k = 0; k < (gsize) d->n * 32 * 32; k++)
+    {
+      lo = MIN (lo, d->images[k]);
+      hi = MAX (hi, d->images[k]);
+    }
+  g_test_message ("pixel range [%g, %g]", lo, hi);
+  for (int c = 0; c < 10; c++)
+    g_assert_cmpint (counts[c], ==, 1000);
+  g_assert_cmpfloat (lo, ==, -1.0);
+  g_assert_cmpfloat (hi, <=, 1.0);
+  g_assert_cmpfloat (hi, >, 0.9);
+  df_dataset_free (d);
+}
+
+/* ---- folders ---- */
+
+static void
+test_folder_classes (void)
+{
+  char *dir = make_tmp ("df-folder-XXXXXX");
+  char *a = g_build_filename (dir, "zebra", NULL);
+  char *b = g_build_filename (dir, "apple", NULL);
+  char *p;
+  GError *error = NULL;
+  DfDataset *d;
+  double worst = 0;
+
+  /* zebra: 2 red images; apple: 1 green, 1 half-transparent black (on
+   * white: mid gray); a .txt file that is not an image. */
+  g_mkdir (a, 0755);
+  g_mkdir (b, 0755);
+  for (int i = 0; i < 2; i++)
+    {
+      p = g_strdup_printf ("%s/img%d.PNG", a, i);
+      write_png (p, 10, 6, 200, 0, 0, -1);
+      g_free (p);
+    }
+  p = g_build_filename (b, "g.png", NULL);
+  write_png (p, 8, 8, 0, 255, 0, -1);
+  g_free (p);
+  p = g_build_filename (b, "h.png", NULL);
+  write_png (p, 8, 8, 0, 0, 0, 0);
+  g_free (p);
+  p = g_build_filename (b, "notes.txt", NULL);
+  g_file_set_contents (p, "not an image", -1, NULL);
+  g_free (p);
+
+  d = df_dataset_load (dir, NULL, 4, 1, &error);
+  g_assert_no_error (error);
+  g_assert_cmpint (d->n, ==, 4);
+  g_assert_cmpint (d->c, ==, 1);
+  g_assert_cmpint (d->h, ==, 4);
+  g_assert_cmpint (d->num_classes, ==, 2);
+  g_assert_cmpstr (d->class_names[0], ==, "apple");
+  g_assert_cmpstr (d->class_names[1], ==, "zebra");
+  g_assert_null (d->class_names[2]);
+  g_assert_cmpint (d->labels[0], ==, 0);
+  g_assert_cmpint (d->labels[1], ==, 0);
+  g_assert_cmpint (d->labels[2], ==, 1);
+  g_assert_cmpint (d->labels[3], ==, 1);
+
+  /* Constant images stay constant when scaled: gray = 0.299R+0.587G+0.114B,
+   * alpha 0 composites to white. */
+  for (int k = 0; k < 16; k++)
+    {
+      worst = MAX (worst, fabs (d->images[k] - (0.587 * 2 - 1)));
+      worst = MAX (worst, fabs (d->images[16 + k] - 1.0));
+      worst = MAX (worst, fabs (d->images[32 + k]
+                                - (0.299 * 200 / 255.0 * 2 - 1)));
+    }
+  g_test_message ("worst gray difference %g", worst);
+  g_assert_cmpfloat (worst, <=, 1e-5);
+  df_dataset_free (d);
+
+  /* RGB: the red image's channels. */
+  d = df_dataset_load_folder (dir, 4, 3, &error);
+  g_assert_no_error (error);
+  g_assert_cmpint (d->c, ==, 3);
+  g_assert_cmpfloat (fabs (d->images[2 * 48 + 0] - (200 / 127.5 - 1)), <=,
+                     1e-5);
+  g_assert_cmpfloat (d->images[2 * 48 + 16], ==, -1.0f);
+  g_assert_cmpfloat (d->images[2 * 48 + 32], ==, -1.0f);
+  df_dataset_free (d);
+
+  rm_rf (dir);
+  g_free (a);
+  g_free (b);
+  g_free (dir);
+}
+
+static void
+test_folder_flat (void)
+{
+  char *dir = make_tmp ("df-flat-XXXXXX");
+  char *base = g_path_get_basename (dir);
+  GError *error = NULL;
+  DfDataset *d;
+
+  for (int i = 0; i < 3; i++)
+    {
+      char *p = g_strdup_printf ("%s/%d.png", dir, i);
+      write_png (p, 5, 5, 10 * i, 10 * i, 10 * i, -1);
+      g_free (p);
+    }
+  d = df_dataset_load (dir, NULL, 0, 1, &error);
+  g_assert_no_error (error);
+  g_assert_cmpint (d->n, ==, 3);
+  g_assert_cmpint (d->h, ==, 5);
+  g_assert_cmpint (d->num_classes, ==, 1);
+  g_assert_cmpstr (d->class_names[0], ==, base);
+  for (int i = 0; i < 3; i++)
+    g_assert_cmpint (d->labels[i], ==, 0);
+  df_dataset_free (d);
+
+  rm_rf (dir);
+  g_free (base);
+  g_free (dir);
+}
+
+static void
+test_folder_unreadable (void)
+{
+  char *dir = make_tmp ("df-bad-XXXXXX");
+  char *cls = g_build_filename (dir, "cls", NULL);
+  char *good = g_build_filename (cls, "a.png", NULL);
+  char *bad = g_build_filename (cls, "b.png", NULL);
+  GError *error = NULL;
+  DfDataset *d;
+
+  g_mkdir (cls, 0755);
+  write_png (good, 4, 4, 1, 2, 3, -1);
+  g_file_set_contents (bad, "\x89PNG garbage bytes, not an image", -1, NULL);
+  d = df_dataset_load (dir, NULL, 4, 1, &error);
+  g_assert_null (d);
+  g_assert_error (error, DF_DATASET_ERROR, DF_DATASET_ERROR_FORMAT);
+  g_test_message ("%s", error->message);
+  g_assert_nonnull (strstr (error->message, bad));
+  g_clear_error (&error);
+
+  rm_rf (dir);
+  g_free (cls);
+  g_free (good);
+  g_free (bad);
+  g_free (dir);
+}
+
+static void
+test_folder_empty (void)
+{
+  char *dir = make_tmp ("df-empty-XXXXXX");
+  char *sub = g_build_filename (dir, "nothing", NULL);
+  GError *error = NULL;
+  DfDataset *d;
+
+  g_mkdir (sub, 0755);
+  d = df_dataset_load (dir, NULL, 8, 1, &error);
+  g_assert_null (d);
+  g_assert_error (error, DF_DATASET_ERROR, DF_DATASET_ERROR_EMPTY);
+  g_assert_nonnull (strstr (error->message, dir));
+  g_clear_error (&error);
+
+  d = df_dataset_load (sub, NULL, 8, 1, &error);
+  g_assert_null (d);
+  g_assert_error (error, DF_DATASET_ERROR, DF_DATASET_ERROR_EMPTY);
+  g_clear_error (&error);
+
+  rm_rf (dir);
+  g_free (sub);
+  g_free (dir);
+}
+
+int
+main (int argc, char **argv)
+{
+  g_test_init (&argc, &argv, NULL);
+
+  g_test_add_func ("/engine/dataset/idx-gzip-values", test_idx_gz);
+  g_test_add_func ("/engine/dataset/idx-plain-values", test_idx_plain);
+  g_test_add_func ("/engine/dataset/idx-resize-bilinear", test_idx_resize);
+  g_test_add_func ("/engine/dataset/idx-wrong-magic", test_idx_wrong_magic);
+  g_test_add_func ("/engine/dataset/idx-truncated", test_idx_truncated);
+  g_test_add_func ("/engine/dataset/idx-count-mismatch",
+                   test_idx_count_mismatch);
+  g_test_add_func ("/engine/dataset/idx-missing-file", test_idx_missing);
+  g_test_add_func ("/engine/dataset/idx-folder-fashion-names",
+                   test_idx_folder_fashion);
+  g_test_add_func ("/engine/dataset/idx-real-fashion-mnist",
+                   test_idx_real_fashion);
+  g_test_add_func ("/engine/dataset/folder-classes", test_folder_classes);
+  g_test_add_func ("/engine/dataset/folder-flat-one-class", test_folder_flat);
+  g_test_add_func ("/engine/dataset/folder-unreadable-image",
+                   test_folder_unreadable);
+  g_test_add_func ("/engine/dataset/folder-empty", test_folder_empty);
+  return g_test_run ();
+}
