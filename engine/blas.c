@@ -362,12 +362,40 @@ df_blas_get_threads (void)
   return blas.get_threads ();
 }
 
+/* The shape recorder of df_blas_trace; trace_calls is read without the
+ * lock first so untraced calls cost one load. */
+static GMutex trace_lock;
+static GArray *volatile trace_calls;
+
+void
+df_blas_trace (GArray *calls)
+{
+  g_mutex_lock (&trace_lock);
+  if (trace_calls != NULL)
+    g_array_unref (trace_calls);
+  trace_calls = calls != NULL ? g_array_ref (calls) : NULL;
+  g_mutex_unlock (&trace_lock);
+}
+
+static void
+trace_call (DfTranspose ta, DfTranspose tb, int M, int N, int K)
+{
+  DfGemmCall c = { ta, tb, M, N, K };
+
+  g_mutex_lock (&trace_lock);
+  if (trace_calls != NULL)
+    g_array_append_val (trace_calls, c);
+  g_mutex_unlock (&trace_lock);
+}
+
 void
 df_sgemm (DfTranspose ta, DfTranspose tb, int M, int N, int K, float alpha,
           const float *A, int lda, const float *B, int ldb, float beta,
           float *C, int ldc)
 {
   blas_require ();
+  if (G_UNLIKELY (trace_calls != NULL))
+    trace_call (ta, tb, M, N, K);
   blas.sgemm (CblasRowMajor, (enum CBLAS_TRANSPOSE) ta,
               (enum CBLAS_TRANSPOSE) tb, M, N, K, alpha, A, lda, B, ldb,
               beta, C, ldc);

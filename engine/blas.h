@@ -60,4 +60,16 @@ void         df_sgemm                 (DfTranspose ta, DfTranspose tb,
                                        const float *B, int ldb,
                                        float beta, float *C, int ldc);
 
+/* One df_sgemm call's shape, as recorded by df_blas_trace(). */
+typedef struct {
+  DfTranspose ta, tb;
+  int         M, N, K;
+} DfGemmCall;
+
+/* With calls non-NULL, append every later df_sgemm call's shape to it
+ * (from any thread; the order between threads is unspecified) until
+ * df_blas_trace (NULL).  For benchmarks: replaying the shapes alone gives
+ * the GEMM-only time of a pass. */
+void         df_blas_trace            (GArray *calls);
+
 G_END_DECLS

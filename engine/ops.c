@@ -21,7 +21,10 @@
 
 #include "blas.h"
 
-/* Output columns (positions) per forward convolution unit. */
+/* Output positions per forward convolution unit, about: a unit is whole
+ * output rows, as many as keep it near this.  GEMMs with N of 100 to 800
+ * run at the same rate here, and small tiles keep the im2col tile in L2 and
+ * give batch-1 passes several units per layer. */
 #define CONV_TILE_P 128
 /* Input channels per backward convolution unit. */
 #define CONV_TILE_C 8
@@ -44,6 +47,7 @@ blas_serial (void)
 
 typedef struct {
   int ci, h, w, co, kh, kw, stride, pad, ho, wo;
+  int hp, wp;                 /* padded input size */
 } ConvGeom;
 
 /* The range [lo, hi) of outputs whose tap (offset j) lands inside [0, n). */
@@ -58,43 +62,62 @@ tap_range (int n, int out, int stride, int pad, int j, int *lo, int *hi)
   *hi = CLAMP (*hi, *lo, out);
 }
 
-/* x [Ci,H,W] -> col [(c1-c0)*kh*kw, p1-p0]: channels [c0,c1) and output
- * positions [p0,p1) of the im2col matrix, row stride ld. */
+/* xp [N,Ci,Hp,Wp] = x [N,Ci,H,W] with pad_lo zeros before and pad_hi
+ * after each row and column: im2col then copies without bounds tests,
+ * which with rows of 7 to 28 floats cost more than the copies. */
 static void
-im2col (const ConvGeom *c, const float *x, int c0, int c1, int p0, int p1,
-        float *col, int ld)
+pad_input (const ConvGeom *c, const float *x, int n, float *xp)
 {
+  int pad_hi_w = c->wp - c->w - c->pad;
+
+#pragma omp parallel for schedule(static) if ((gsize) n * c->ci * c->hp * c->wp > DF_PAR_MIN)
+  for (int sc = 0; sc < n * c->ci; sc++)
+    {
+      const float *src = x + (gsize) sc * c->h * c->w;
+      float *dst = xp + (gsize) sc * c->hp * c->wp;
+
+      memset (dst, 0, (gsize) c->pad * c->wp * sizeof (float));
+      for (int yy = 0; yy < c->h; yy++)
+        {
+          float *row = dst + (gsize) (yy + c->pad) * c->wp;
+
+          memset (row, 0, c->pad * sizeof (float));
+          memcpy (row + c->pad, src + (gsize) yy * c->w,
+                  c->w * sizeof (float));
+          memset (row + c->pad + c->w, 0, pad_hi_w * sizeof (float));
+        }
+      memset (dst + (gsize) (c->h + c->pad) * c->wp, 0,
+              (gsize) (c->hp - c->h - c->pad) * c->wp * sizeof (float));
+    }
+}
+
+/* xp [Ci,Hp,Wp] (padded) -> col [(c1-c0)*kh*kw, (y1-y0)*Wo]: channels
+ * [c0,c1) and output rows [y0,y1) of the im2col matrix. */
+static void
+im2col (const ConvGeom *c, const float *xp, int c0, int c1, int y0, int y1,
+        float *col)
+{
+  gsize t = (gsize) (y1 - y0) * c->wo;
+
   for (int ch = c0; ch < c1; ch++)
     for (int i = 0; i < c->kh; i++)
       for (int j = 0; j < c->kw; j++)
         {
-          float *row = col + ((gsize) ((ch - c0) * c->kh + i) * c->kw + j) * ld
-                       - p0;
-          int ylo, yhi, xlo, xhi;
+          float *row = col + ((gsize) ((ch - c0) * c->kh + i) * c->kw + j) * t;
 
-          tap_range (c->h, c->ho, c->stride, c->pad, i, &ylo, &yhi);
-          tap_range (c->w, c->wo, c->stride, c->pad, j, &xlo, &xhi);
-          for (int oy = p0 / c->wo; oy * c->wo < p1; oy++)
+          for (int oy = y0; oy < y1; oy++)
             {
-              int a = MAX (p0 - oy * c->wo, 0);
-              int b = MIN (p1 - oy * c->wo, c->wo);
-              float *dst = row + (gsize) oy * c->wo;
-              const float *src;
-              int lo = CLAMP (xlo, a, b), hi = CLAMP (xhi, lo, b);
+              const float *src = xp + ((gsize) ch * c->hp + oy * c->stride + i)
+                                      * c->wp + j;
+              float *dst = row + (gsize) (oy - y0) * c->wo;
 
-              if (oy < ylo || oy >= yhi)
-                {
-                  memset (dst + a, 0, (b - a) * sizeof (float));
-                  continue;
-                }
-              src = x + ((gsize) ch * c->h + oy * c->stride - c->pad + i)
-                        * c->w;
-              for (int ox = a; ox < lo; ox++)
-                dst[ox] = 0.0f;
-              for (int ox = lo; ox < hi; ox++)
-                dst[ox] = src[ox * c->stride - c->pad + j];
-              for (int ox = hi; ox < b; ox++)
-                dst[ox] = 0.0f;
+              /* Stride 1 is a contiguous copy, which vectorises. */
+              if (c->stride == 1)
+                for (int ox = 0; ox < c->wo; ox++)
+                  dst[ox] = src[ox];
+              else
+                for (int ox = 0; ox < c->wo; ox++)
+                  dst[ox] = src[ox * c->stride];
             }
         }
 }
@@ -111,7 +134,7 @@ col2im_add (const ConvGeom *c, const float *dcol, int c0, int c1, float *dx)
         {
           const float *row = dcol
                              + ((gsize) ((ch - c0) * c->kh + i) * c->kw + j) * p;
-          int ylo, yhi, xlo, xhi;
+          int ylo, yhi, xlo, xhi, off = j - c->pad;
 
           tap_range (c->h, c->ho, c->stride, c->pad, i, &ylo, &yhi);
           tap_range (c->w, c->wo, c->stride, c->pad, j, &xlo, &xhi);
@@ -121,8 +144,17 @@ col2im_add (const ConvGeom *c, const float *dcol, int c0, int c1, float *dx)
                                  + oy * c->stride - c->pad + i) * c->w;
               const float *src = row + (gsize) oy * c->wo;
 
-              for (int ox = xlo; ox < xhi; ox++)
-                dst[ox * c->stride - c->pad + j] += src[ox];
+              /* Stride 1: a contiguous add the compiler vectorises. */
+              if (c->stride == 1)
+                {
+                  float *d = dst + off;
+
+                  for (int ox = xlo; ox < xhi; ox++)
+                    d[ox] += src[ox];
+                }
+              else
+                for (int ox = xlo; ox < xhi; ox++)
+                  dst[ox * c->stride + off] += src[ox];
             }
         }
 }
@@ -139,7 +171,9 @@ conv_geom (ConvGeom *c, const DfTensor *x, const DfTensor *w, int stride,
   c->kw = w->shape[3];
   c->stride = stride;
   c->pad = pad_lo;
-  c->ho = (c->h + pad_lo + pad_hi - c->kh) / stride + 1;
+  c->hp = c->h + pad_lo + pad_hi;
+  c->wp = c->w + pad_lo + pad_hi;
+  c->ho = (c->hp - c->kh) / stride + 1;
   c->wo = (c->w + pad_lo + pad_hi - c->kw) / stride + 1;
 }
 
@@ -162,8 +196,8 @@ conv2d_backward (DfGraph *g, DfRecord *r)
   int n = x->shape[0], pad_hi = r->iarg[1], n_cg, kk1;
   ConvGeom c;
   gboolean pw;
-  gsize p, kk, xs, per_thread;
-  float *work = NULL;
+  gsize p, kk, xs, xps, per_thread;
+  float *work = NULL, *xp = NULL;
 
   blas_serial ();
   conv_geom (&c, x, w, r->iarg[0], r->iarg[2], pad_hi);
@@ -196,8 +230,17 @@ conv2d_backward (DfGraph *g, DfRecord *r)
   /* Per thread: the im2col rows [CONV_TILE_C*kh*kw, P] of one channel group,
    * recomputed here rather than kept from the forward pass. */
   per_thread = pw ? 0 : (gsize) CONV_TILE_C * kk1 * p;
+  xps = (gsize) c.ci * c.hp * c.wp;
   if (per_thread > 0)
-    work = df_graph_workspace (g, per_thread * omp_get_max_threads ());
+    {
+      /* [threads][per_thread] scratch, then the padded input [N,Ci,Hp,Wp]
+       * (for dW only) */
+      work = df_graph_workspace (g, per_thread * omp_get_max_threads ()
+                                    + (dw != NULL ? n * xps : 0));
+      xp = work + per_thread * omp_get_max_threads ();
+      if (dw != NULL)
+        pad_input (&c, x->data, n, xp);
+    }
 
   /* dW[:, group] += sum over samples of dY col[group]^T; a unit is a
    * channel group, its samples in order. */
@@ -216,7 +259,7 @@ conv2d_backward (DfGraph *g, DfRecord *r)
 
               if (!pw)
                 {
-                  im2col (&c, xn, c0, c1, 0, p, col, p);
+                  im2col (&c, xp + s * xps, c0, c1, 0, c.ho, col);
                   b = col;
                 }
               df_sgemm (DF_NO_TRANS, DF_TRANS, c.co, (c1 - c0) * kk1, p, 1.0f,
@@ -253,16 +296,90 @@ conv2d_backward (DfGraph *g, DfRecord *r)
     }
 }
 
+/* The shifted form of a stride-1 convolution: no im2col.  On the padded
+ * input, tap (i, j) of output position (oy, ox) reads xp[c, oy + i, ox + j],
+ * so with outputs indexed in the padded width (q = oy Wp + ox) the tap's
+ * operand is xp itself shifted by i Wp + j: a [Ci, rows Wp] matrix of row
+ * stride Hp Wp, which OpenBLAS packs directly.  A tile is then kh kw GEMMs
+ * of K = Ci summed in tap order, plus Wp - Wo wasted columns per row; used
+ * where that waste is small (wide images), im2col elsewhere. */
+static gboolean
+conv_shifted (const ConvGeom *c)
+{
+  return c->stride == 1 && c->wo >= 14;
+}
+
+/* wt [kh*kw][Co,Ci] = w [Co,Ci,kh,kw] */
+static void
+conv_weights_by_tap (const ConvGeom *c, const float *w, float *wt)
+{
+  int taps = c->kh * c->kw;
+
+  for (int o = 0; o < c->co; o++)
+    for (int ch = 0; ch < c->ci; ch++)
+      for (int k = 0; k < taps; k++)
+        wt[((gsize) k * c->co + o) * c->ci + ch] =
+          w[((gsize) o * c->ci + ch) * taps + k];
+}
+
+/* acc [Co, (y1-y0-1) Wp + Wo] = sum over taps of wt[tap] xp shifted, for
+ * output rows [y0,y1) in padded-width positions.  The last row stops at Wo
+ * so no tap reads past the sample's padded input. */
+static void
+conv_tile_shifted (const ConvGeom *c, const float *xp, const float *wt,
+                   int y0, int y1, float *acc)
+{
+  int nq = (y1 - y0 - 1) * c->wp + c->wo;
+  gsize plane = (gsize) c->hp * c->wp;
+
+  for (int i = 0; i < c->kh; i++)
+    for (int j = 0; j < c->kw; j++)
+      {
+        int k = i * c->kw + j;
+
+        df_sgemm (DF_NO_TRANS, DF_NO_TRANS, c->co, nq, c->ci, 1.0f,
+                  wt + (gsize) k * c->co * c->ci, c->ci,
+                  xp + (gsize) (y0 + i) * c->wp + j, plane,
+                  k == 0 ? 0.0f : 1.0f, acc, nq);
+      }
+}
+
+/* ys[:, rows y0..y1) [Co, *] (row stride p) = acc without the padding
+ * columns, + b. */
+static void
+conv_tile_store (const ConvGeom *c, const float *acc, int y0, int y1,
+                 const DfTensor *b, float *ys, gsize p)
+{
+  int nq = (y1 - y0 - 1) * c->wp + c->wo;
+
+  for (int o = 0; o < c->co; o++)
+    {
+      float bias = b != NULL ? b->data[o] : 0.0f;
+
+      for (int r = 0; r < y1 - y0; r++)
+        {
+          const float *src = acc + (gsize) o * nq + (gsize) r * c->wp;
+          float *dst = ys + (gsize) o * p + (gsize) r * c->wo;
+
+          if (b != NULL)
+            for (int ox = 0; ox < c->wo; ox++)
+              dst[ox] = src[ox] + bias;
+          else
+            memcpy (dst, src, c->wo * sizeof (float));
+        }
+    }
+}
+
 DfTensor *
 df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
            int pad_lo, int pad_hi)
 {
   ConvGeom c;
   DfTensor *y;
-  int n, n_tiles;
-  gboolean pw;
-  gsize p, kk, xs;
-  float *work = NULL;
+  int n, n_tiles, tile_rows, threads;
+  gboolean pw, shifted;
+  gsize p, kk, xs, xps = 0, tile_max, per_thread = 0;
+  float *work = NULL, *xp = NULL, *wt = NULL;
 
   g_return_val_if_fail (g != NULL && x != NULL && w != NULL, NULL);
   g_return_val_if_fail (x->ndim == 4 && w->ndim == 4, NULL);
@@ -279,31 +396,55 @@ df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
   p = (gsize) c.ho * c.wo;
   kk = (gsize) c.ci * c.kh * c.kw;
   xs = (gsize) c.ci * c.h * c.w;
-  n_tiles = (p + CONV_TILE_P - 1) / CONV_TILE_P;
+  /* Tiles of tile_rows output rows; the last may be shorter. */
+  n_tiles = MAX (1, (int) ((p + CONV_TILE_P - 1) / CONV_TILE_P));
+  tile_rows = (c.ho + n_tiles - 1) / n_tiles;
+  n_tiles = (c.ho + tile_rows - 1) / tile_rows;
+  tile_max = (gsize) tile_rows * c.wo;
   y = df_graph_tensor_4d (g, n, c.co, c.ho, c.wo);
+  shifted = !pw && conv_shifted (&c);
   if (!pw)
-    work = df_graph_workspace (g, kk * CONV_TILE_P * omp_get_max_threads ());
+    {
+      /* Workspace: [threads][per_thread] tiles, the padded input
+       * [N,Ci,Hp,Wp], and for the shifted form the weights by tap. */
+      xps = (gsize) c.ci * c.hp * c.wp;
+      per_thread = shifted ? (gsize) c.co * tile_rows * c.wp : kk * tile_max;
+      threads = omp_get_max_threads ();
+      work = df_graph_workspace (g, per_thread * threads + n * xps
+                                    + (shifted ? kk * c.co : 0));
+      xp = work + per_thread * threads;
+      wt = xp + n * xps;
+      pad_input (&c, x->data, n, xp);
+      if (shifted)
+        conv_weights_by_tap (&c, w->data, wt);
+    }
 
-  /* A unit is (sample, tile of positions): y[:, tile] [Co,T] =
-   * W [Co,KK] col[:, tile] [KK,T] (+ b). */
+  /* A unit is (sample, tile of output rows). */
 #pragma omp parallel for schedule(static)
   for (int u = 0; u < n * n_tiles; u++)
     {
-      int s = u / n_tiles, p0 = (u % n_tiles) * CONV_TILE_P;
-      int t = MIN ((gsize) CONV_TILE_P, p - p0);
+      int s = u / n_tiles, y0 = (u % n_tiles) * tile_rows;
+      int y1 = MIN (y0 + tile_rows, c.ho), t = (y1 - y0) * c.wo;
+      gsize p0 = (gsize) y0 * c.wo;
       const float *xn = x->data + s * xs;
       float *ys = y->data + (gsize) s * c.co * p + p0;
+      float *tile = work + per_thread * omp_get_thread_num ();
 
       if (pw)
         df_sgemm (DF_NO_TRANS, DF_NO_TRANS, c.co, t, kk, 1.0f, w->data, kk,
                   xn + p0, p, 0.0f, ys, p);
+      else if (shifted)
+        {
+          conv_tile_shifted (&c, xp + s * xps, wt, y0, y1, tile);
+          conv_tile_store (&c, tile, y0, y1, b, ys, p);
+          continue;
+        }
       else
         {
-          float *col = work + kk * CONV_TILE_P * omp_get_thread_num ();
-
-          im2col (&c, xn, 0, c.ci, p0, p0 + t, col, t);
+          /* y[:, tile] [Co,T] = W [Co,KK] col[:, tile] [KK,T] */
+          im2col (&c, xp + s * xps, 0, c.ci, y0, y1, tile);
           df_sgemm (DF_NO_TRANS, DF_NO_TRANS, c.co, t, kk, 1.0f, w->data, kk,
-                    col, t, 0.0f, ys, p);
+                    tile, t, 0.0f, ys, p);
         }
       if (b != NULL)
         for (int o = 0; o < c.co; o++)

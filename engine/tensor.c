@@ -478,7 +478,7 @@ silu_backward (DfGraph *g, DfRecord *r)
 #pragma omp parallel for schedule(static) if (n > DF_PAR_MIN)
   for (gsize i = 0; i < n; i++)
     {
-      float s = 1.0f / (1.0f + expf (-x[i]));
+      float s = 1.0f / (1.0f + df_expf (-x[i]));
 
       dx[i] += dy[i] * s * (1.0f + x[i] * (1.0f - s));
     }
@@ -494,7 +494,7 @@ df_silu (DfGraph *g, DfTensor *x)
   y = df_graph_tensor (g, x->ndim, x->shape);
 #pragma omp parallel for schedule(static) if (x->size > DF_PAR_MIN)
   for (gsize i = 0; i < x->size; i++)
-    y->data[i] = x->data[i] / (1.0f + expf (-x->data[i]));
+    y->data[i] = x->data[i] / (1.0f + df_expf (-x->data[i]));
 
   if (df_graph_wants (g, x, NULL, NULL, NULL))
     {
