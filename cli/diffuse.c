@@ -87,10 +87,11 @@ check_sampling_options (const GenOptions *o, DfSampleParams *p, GError **error)
                    "--guidance-scale %g: give a finite number", o->scale);
       return FALSE;
     }
-  if (o->threads < 0)
+  if (o->threads < 0 || o->threads > DF_MAX_THREADS)
     {
       g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
-                   "--threads %d: give 0 (all cores) or more", o->threads);
+                   "--threads %d: give 0 (all cores) to %d", o->threads,
+                   DF_MAX_THREADS);
       return FALSE;
     }
   if (o->batch < 0)
@@ -672,10 +673,11 @@ cli_eps (int argc, char **argv)
                    "eps: give the timestep with --t T (0 to T-1)");
       goto out;
     }
-  if (threads < 0)
+  if (threads < 0 || threads > DF_MAX_THREADS)
     {
       g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
-                   "--threads %d: give 0 (all cores) or more", threads);
+                   "--threads %d: give 0 (all cores) to %d", threads,
+                   DF_MAX_THREADS);
       goto out;
     }
   x = cli_npy_read (input, shape, &error);    /* [N,C,H,W] */

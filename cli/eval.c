@@ -100,6 +100,7 @@ cli_eval (int argc, char **argv)
 
   /* Options, then models, then data. */
   if (count < 2 || steps < 1 || batch < 1 || n_train < 2 || threads < 0
+      || threads > DF_MAX_THREADS
       || n_test < 0 || n_test == 1
       || !isfinite (scale))
     {
@@ -108,7 +109,8 @@ cli_eval (int argc, char **argv)
                    : steps < 1 ? "--steps: give at least 1"
                    : batch < 1 ? "--batch: give at least 1"
                    : n_train < 2 ? "--train-count: give at least 2"
-                   : threads < 0 ? "--threads: give 0 (all cores) or more"
+                   : threads < 0 || threads > DF_MAX_THREADS
+                   ? "--threads: give 0 (all cores) to " G_STRINGIFY (DF_MAX_THREADS)
                    : n_test < 0 || n_test == 1
                    ? "--test-count: give 0 (all) or at least 2"
                    : "--guidance-scale: give a finite number");

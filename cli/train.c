@@ -169,8 +169,8 @@ check_options (const TrainArgs *a, const DfTrainOptions *o, GError **error)
     bad = "--checkpoint-minutes: give 0 or more";
   else if (o->resume && o->checkpoint == NULL)
     bad = "--resume needs --checkpoint PATH";
-  else if (a->threads < 0)
-    bad = "--threads: give 0 (all cores) or more";
+  else if (a->threads < 0 || a->threads > DF_MAX_THREADS)
+    bad = "--threads: give 0 (all cores) to " G_STRINGIFY (DF_MAX_THREADS);
   else if (a->image_channels != 0 && a->image_channels != 1
            && a->image_channels != 3)
     bad = "--image-channels: give 1 (gray) or 3 (RGB)";

@@ -805,6 +805,7 @@ df_set_threads (int n)
 {
   if (n <= 0)
     n = omp_get_num_procs ();
+  n = MIN (n, DF_MAX_THREADS);
   omp_set_num_threads (n);
   df_blas_set_threads (n);
 }

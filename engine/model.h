@@ -52,7 +52,11 @@ int          df_model_class_lookup   (DfModel *m, const char *name_or_index);
 int          df_model_uncond_class   (DfModel *m);          /* -1: none */
 const char  *df_model_path           (DfModel *m);
 
-/* Threads for OpenBLAS and the engine's own loops (0: all cores). */
+/* The most threads df_set_threads uses. */
+#define DF_MAX_THREADS 256
+
+/* Threads for OpenBLAS and the engine's own loops (0: all cores; at most
+ * DF_MAX_THREADS). */
 void         df_set_threads          (int n);
 int          df_get_threads          (void);
 

@@ -749,6 +749,8 @@ static const BadCase bad_cases[] = {
     "1000" },
   { "eta-negative", { "generate", "--model", "@gray", "--eta", "-1" }, "--eta" },
   { "eta-nan", { "generate", "--model", "@gray", "--eta", "nan" }, "--eta" },
+  { "threads-too-many", { "generate", "--model", "@gray", "--threads", "100000" },
+    "--threads" },
   { "count-zero", { "generate", "--model", "@gray", "--count", "0" }, "--count" },
   { "class-out-of-range", { "generate", "--model", "@gray", "--class", "3" },
     "out of range" },
