@@ -8,6 +8,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include <json-glib/json-glib.h>
 #include <omp.h>
@@ -23,6 +24,7 @@ static char *opt_batches = "1,16";
 static int opt_threads = 2;
 static int opt_train_batch = 64;
 static int opt_repeats = 5;
+static gboolean opt_gemm_profile = FALSE;
 
 static GOptionEntry entries[] = {
   { "config", 0, 0, G_OPTION_ARG_FILENAME, &opt_config,
@@ -35,6 +37,9 @@ static GOptionEntry entries[] = {
   { "train-batch", 0, 0, G_OPTION_ARG_INT, &opt_train_batch,
     "training batch size", "N" },
   { "repeats", 0, 0, G_OPTION_ARG_INT, &opt_repeats, "timed repeats", "N" },
+  { "gemm-profile", 0, 0, G_OPTION_ARG_NONE, &opt_gemm_profile,
+    "print a training step's GEMM shapes, their time alone and rate "
+    "on stderr", NULL },
   { NULL }
 };
 
@@ -42,6 +47,17 @@ static double
 now (void)
 {
   return g_get_monotonic_time () / 1e6;
+}
+
+/* CPU seconds of the whole process: on a loaded machine, steadier than the
+ * wall clock for comparing builds (at one thread). */
+static double
+cpu_now (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
 typedef struct {
@@ -132,6 +148,87 @@ time_gemms (Forward *f, double *seconds, double *flops)
   g_free (B);
   g_free (C);
   g_array_unref (calls);
+}
+
+typedef struct {
+  DfGemmCall call;
+  int        count;
+  double     seconds;
+} ShapeTime;
+
+static int
+shape_time_cmp (gconstpointer a, gconstpointer b)
+{
+  const ShapeTime *x = a, *y = b;
+
+  return x->seconds < y->seconds ? 1 : x->seconds > y->seconds ? -1 : 0;
+}
+
+/* The GEMMs calls (a training step's) grouped by shape, each shape timed
+ * alone on one thread in CPU time, slowest total first: where the GEMM
+ * time goes. */
+static void
+print_gemm_profile (GArray *calls)
+{
+  GArray *shapes = g_array_new (FALSE, TRUE, sizeof (ShapeTime));
+  double total = 0, flops = 0;
+
+  for (guint i = 0; i < calls->len; i++)
+    {
+      DfGemmCall *c = &g_array_index (calls, DfGemmCall, i);
+      guint j;
+
+      for (j = 0; j < shapes->len; j++)
+        if (memcmp (&g_array_index (shapes, ShapeTime, j).call, c,
+                    sizeof *c) == 0)
+          break;
+      if (j == shapes->len)
+        {
+          ShapeTime st = { *c, 0, 0 };
+          g_array_append_val (shapes, st);
+        }
+      g_array_index (shapes, ShapeTime, j).count++;
+    }
+  for (guint j = 0; j < shapes->len; j++)
+    {
+      ShapeTime *st = &g_array_index (shapes, ShapeTime, j);
+      DfGemmCall *c = &st->call;
+      gsize na = (gsize) c->M * c->K, nb = (gsize) c->K * c->N;
+      float *A = g_new0 (float, na), *B = g_new0 (float, nb);
+      float *C = g_new0 (float, (gsize) c->M * c->N);
+      int lda = c->ta == DF_NO_TRANS ? c->K : c->M;
+      int ldb = c->tb == DF_NO_TRANS ? c->N : c->K;
+      int reps = MAX (1, MIN (st->count, 200));
+      double t0;
+
+      df_sgemm (c->ta, c->tb, c->M, c->N, c->K, 1.0f, A, lda, B, ldb, 0.0f,
+                C, c->N);
+      t0 = cpu_now ();
+      for (int r = 0; r < reps; r++)
+        df_sgemm (c->ta, c->tb, c->M, c->N, c->K, 1.0f, A, lda, B, ldb, 1.0f,
+                  C, c->N);
+      st->seconds = (cpu_now () - t0) / reps * st->count;
+      total += st->seconds;
+      flops += 2.0 * c->M * c->N * c->K * st->count;
+      g_free (A);
+      g_free (B);
+      g_free (C);
+    }
+  g_array_sort (shapes, shape_time_cmp);
+  fprintf (stderr, "GEMMs of a training step alone: %.3f s, %.1f GFLOP/s\n",
+           total, flops / total / 1e9);
+  for (guint j = 0; j < shapes->len && j < 30; j++)
+    {
+      ShapeTime *st = &g_array_index (shapes, ShapeTime, j);
+      DfGemmCall *c = &st->call;
+
+      fprintf (stderr, "  %c%c M %5d N %5d K %6d x%5d: %7.1f ms %5.1f GFLOP/s\n",
+               c->ta == DF_NO_TRANS ? 'N' : 'T',
+               c->tb == DF_NO_TRANS ? 'N' : 'T', c->M, c->N, c->K, st->count,
+               st->seconds * 1e3,
+               2.0 * c->M * c->N * c->K * st->count / st->seconds / 1e9);
+    }
+  g_array_unref (shapes);
 }
 
 static DfDataset *
@@ -255,7 +352,7 @@ main (int argc, char **argv)
                                       classes > 0 ? classes - 1 : 0);
     DfTrainOptions o;
     DfTrainer *t;
-    double best = INFINITY, loss;
+    double best = INFINITY, best_cpu = INFINITY, loss;
 
     df_train_options_init (&o);
     o.batch = opt_train_batch;
@@ -265,12 +362,28 @@ main (int argc, char **argv)
       g_error ("%s", error->message);
     for (int r = 0; r < opt_repeats + 1; r++)
       {
-        double t0 = now ();
+        double t0 = now (), c0 = cpu_now ();
         if (!df_trainer_step (t, &loss, &error))
           g_error ("%s", error->message);
         if (r >= 1)
-          best = MIN (best, now () - t0);
+          {
+            best = MIN (best, now () - t0);
+            best_cpu = MIN (best_cpu, cpu_now () - c0);
+          }
       }
+    if (opt_gemm_profile)
+      {
+        GArray *calls = g_array_new (FALSE, FALSE, sizeof (DfGemmCall));
+
+        df_blas_trace (calls);
+        if (!df_trainer_step (t, &loss, &error))
+          g_error ("%s", error->message);
+        df_blas_trace (NULL);
+        print_gemm_profile (calls);
+        g_array_unref (calls);
+      }
+    json_builder_set_member_name (out, "train_step_cpu_s");
+    json_builder_add_double_value (out, best_cpu);
     json_builder_set_member_name (out, "train_step_s");
     json_builder_add_double_value (out, best);
     json_builder_set_member_name (out, "train_batch");

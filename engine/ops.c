@@ -62,33 +62,44 @@ tap_range (int n, int out, int stride, int pad, int j, int *lo, int *hi)
   *hi = CLAMP (*hi, *lo, out);
 }
 
-/* xp [N,Ci,Hp,Wp] = x [N,Ci,H,W] with pad_lo zeros before and pad_hi
- * after each row and column: im2col then copies without bounds tests,
- * which with rows of 7 to 28 floats cost more than the copies. */
+/* dst [N,C,Hp,Wp] = src [N,C,H,W] with lo zeros before and Hp - H - lo
+ * (Wp - W - lo) after each column (row); with chan_major, dst is
+ * [C,N,Hp,Wp] instead, so that a channel's planes for the whole batch are
+ * one run of memory.  im2col and the shifted GEMMs then read without bounds
+ * tests, which with rows of 7 to 28 floats cost more than the copies. */
+static void
+pad_planes (const float *src, int n, int ch, int h, int w, int hp, int wp,
+            int lo, gboolean chan_major, float *dst)
+{
+  int pad_hi_w = wp - w - lo;
+  gsize plane = (gsize) hp * wp;
+
+#pragma omp parallel for schedule(static) if ((gsize) n * ch * plane > DF_PAR_MIN)
+  for (int sc = 0; sc < n * ch; sc++)
+    {
+      int s = sc / ch, c = sc % ch;
+      const float *sp = src + (gsize) sc * h * w;
+      float *dp = dst + (chan_major ? (gsize) c * n + s : (gsize) sc) * plane;
+
+      memset (dp, 0, (gsize) lo * wp * sizeof (float));
+      for (int yy = 0; yy < h; yy++)
+        {
+          float *row = dp + (gsize) (yy + lo) * wp;
+
+          memset (row, 0, lo * sizeof (float));
+          memcpy (row + lo, sp + (gsize) yy * w, w * sizeof (float));
+          memset (row + lo + w, 0, pad_hi_w * sizeof (float));
+        }
+      memset (dp + (gsize) (h + lo) * wp, 0,
+              (gsize) (hp - h - lo) * wp * sizeof (float));
+    }
+}
+
+/* xp [N,Ci,Hp,Wp] = x [N,Ci,H,W] padded by the convolution's pads. */
 static void
 pad_input (const ConvGeom *c, const float *x, int n, float *xp)
 {
-  int pad_hi_w = c->wp - c->w - c->pad;
-
-#pragma omp parallel for schedule(static) if ((gsize) n * c->ci * c->hp * c->wp > DF_PAR_MIN)
-  for (int sc = 0; sc < n * c->ci; sc++)
-    {
-      const float *src = x + (gsize) sc * c->h * c->w;
-      float *dst = xp + (gsize) sc * c->hp * c->wp;
-
-      memset (dst, 0, (gsize) c->pad * c->wp * sizeof (float));
-      for (int yy = 0; yy < c->h; yy++)
-        {
-          float *row = dst + (gsize) (yy + c->pad) * c->wp;
-
-          memset (row, 0, c->pad * sizeof (float));
-          memcpy (row + c->pad, src + (gsize) yy * c->w,
-                  c->w * sizeof (float));
-          memset (row + c->pad + c->w, 0, pad_hi_w * sizeof (float));
-        }
-      memset (dst + (gsize) (c->h + c->pad) * c->wp, 0,
-              (gsize) (c->hp - c->h - c->pad) * c->wp * sizeof (float));
-    }
+  pad_planes (x, n, c->ci, c->h, c->w, c->hp, c->wp, c->pad, FALSE, xp);
 }
 
 /* xp [Ci,Hp,Wp] (padded) -> col [(c1-c0)*kh*kw, (y1-y0)*Wo]: channels
@@ -185,8 +196,11 @@ conv_pointwise (const ConvGeom *c, int pad_hi)
          && pad_hi == 0;
 }
 
+/* The general backward: dW from im2col tiles per channel group and sample,
+ * dx through W^T dY and col2im.  Used where the shifted form below is not
+ * (strided and unpadded convolutions). */
 static void
-conv2d_backward (DfGraph *g, DfRecord *r)
+conv2d_backward_im2col (DfGraph *g, DfRecord *r)
 {
   DfTensor *x = r->in[0], *w = r->in[1];
   float *dx = df_grad_or_null (x);
@@ -323,14 +337,14 @@ conv_weights_by_tap (const ConvGeom *c, const float *w, float *wt)
 }
 
 /* acc [Co, (y1-y0-1) Wp + Wo] = sum over taps of wt[tap] xp shifted, for
- * output rows [y0,y1) in padded-width positions.  The last row stops at Wo
+ * output rows [y0,y1) in padded-width positions; xp's channels are plane
+ * floats apart.  The last row stops at Wo
  * so no tap reads past the sample's padded input. */
 static void
-conv_tile_shifted (const ConvGeom *c, const float *xp, const float *wt,
-                   int y0, int y1, float *acc)
+conv_tile_shifted (const ConvGeom *c, const float *xp, gsize plane,
+                   const float *wt, int y0, int y1, float *acc)
 {
   int nq = (y1 - y0 - 1) * c->wp + c->wo;
-  gsize plane = (gsize) c->hp * c->wp;
 
   for (int i = 0; i < c->kh; i++)
     for (int j = 0; j < c->kw; j++)
@@ -368,6 +382,181 @@ conv_tile_store (const ConvGeom *c, const float *acc, int y0, int y1,
             memcpy (dst, src, c->wo * sizeof (float));
         }
     }
+}
+
+/* Output channels per dW unit of the shifted backward. */
+#define CONV_TILE_CO 32
+
+/* "Same" stride-1 convolutions (Ho = H, Wo = W, kh = kw, pads summing to
+ * kh - 1, 1x1 ones included) take the shifted form backward too. */
+static gboolean
+conv_backward_shifted (const ConvGeom *c, int pad_hi)
+{
+  return c->stride == 1 && c->kh == c->kw && c->pad + pad_hi == c->kh - 1;
+}
+
+/* The shifted backward.  dY is padded to dyp [Co,N,Hp,Wp] with pad_hi
+ * zeros before and pad_lo after, and x to xpt [Ci,N,Hp,Wp] as in the
+ * forward, both channel-major so that one channel's planes for the whole
+ * batch are a single run:
+ *  - dW: tap (i, j) is dW_tap [Co,Ci] = dyp [Co,K] xpt^T shifted by
+ *    (i - pad_hi) Wp + j - pad_hi, K running over every sample's plane in
+ *    order (the zero padding of dyp kills the cross-row and cross-sample
+ *    products): one GEMM of K ~ N Hp Wp per (tap, block of Co), summed in
+ *    sample order whatever the thread count.
+ *  - dx is the transposed convolution: a shifted convolution of dyp by the
+ *    flipped, transposed kernel, tile by tile as the forward, each (sample,
+ *    tile of rows) owning its part of dx. */
+static void
+conv2d_backward_shifted (DfGraph *g, DfRecord *r, const ConvGeom *c)
+{
+  DfTensor *x = r->in[0], *w = r->in[1];
+  float *dx = df_grad_or_null (x);
+  float *dw = df_grad_or_null (w);               /* [Co,Ci,kh,kw] */
+  const float *dy = r->out->grad;                /* [N,Co,H,W] */
+  int n = x->shape[0], pad_hi = r->iarg[1], taps = c->kh * c->kw;
+  int n_tiles, tile_rows, threads = omp_get_max_threads ();
+  gsize p = (gsize) c->ho * c->wo, plane = (gsize) c->hp * c->wp;
+  gsize ld = (gsize) n * plane, wsize = (gsize) taps * c->co * c->ci;
+  gsize per_thread;
+  float *work, *dyp, *xpt, *wt, *acc;
+  ConvGeom t;
+
+  /* The transposed convolution's geometry: Co -> Ci on the same planes. */
+  t = *c;
+  t.ci = c->co;
+  t.co = c->ci;
+  t.h = c->ho;
+  t.w = c->wo;
+  t.ho = c->h;
+  t.wo = c->w;
+  t.pad = pad_hi;
+  n_tiles = MAX (1, (int) ((p + CONV_TILE_P - 1) / CONV_TILE_P));
+  tile_rows = (t.ho + n_tiles - 1) / n_tiles;
+  n_tiles = (t.ho + tile_rows - 1) / tile_rows;
+  per_thread = (gsize) t.co * tile_rows * t.wp;
+
+  /* Workspace: dyp [Co,N,Hp,Wp], xpt [Ci,N,Hp,Wp] (dW only), the weights
+   * by tap (dx: [taps][Ci,Co] flipped; dW: [taps][Co,Ci] results), and
+   * [threads][per_thread] tiles (dx only). */
+  work = df_graph_workspace (g, (gsize) c->co * ld
+                                + (dw != NULL ? (gsize) c->ci * ld : 0)
+                                + wsize
+                                + (dx != NULL ? per_thread * threads : 0));
+  dyp = work;
+  xpt = dyp + (gsize) c->co * ld;
+  wt = xpt + (dw != NULL ? (gsize) c->ci * ld : 0);
+  acc = wt + wsize;
+  pad_planes (dy, n, c->co, c->ho, c->wo, c->hp, c->wp, pad_hi, TRUE, dyp);
+
+  if (dw != NULL)
+    {
+      int n_ob = (c->co + CONV_TILE_CO - 1) / CONV_TILE_CO;
+      int first = pad_hi * c->wp + pad_hi;
+      gsize k = (gsize) (n - 1) * plane + (gsize) (c->ho - 1) * c->wp + c->wo;
+
+      pad_planes (x->data, n, c->ci, c->h, c->w, c->hp, c->wp, c->pad, TRUE,
+                  xpt);
+
+      /* wt[tap][Co,Ci] = dyp [Co,K] (xpt shifted)^T; a unit is (tap, block
+       * of Co rows). */
+#pragma omp parallel for schedule(static)
+      for (int u = 0; u < taps * n_ob; u++)
+        {
+          int tap = u / n_ob, o0 = (u % n_ob) * CONV_TILE_CO;
+          int ob = MIN (CONV_TILE_CO, c->co - o0);
+          int i = tap / c->kw, j = tap % c->kw;
+
+          df_sgemm (DF_NO_TRANS, DF_TRANS, ob, c->ci, k, 1.0f,
+                    dyp + (gsize) o0 * ld + first, ld,
+                    xpt + (gsize) i * c->wp + j, ld, 0.0f,
+                    wt + ((gsize) tap * c->co + o0) * c->ci, c->ci);
+        }
+
+      /* dw [Co,Ci,kh,kw] += wt; a unit is an output channel. */
+#pragma omp parallel for schedule(static) if (wsize > DF_PAR_MIN)
+      for (int o = 0; o < c->co; o++)
+        for (int ch = 0; ch < c->ci; ch++)
+          for (int tap = 0; tap < taps; tap++)
+            dw[((gsize) o * c->ci + ch) * taps + tap] +=
+              wt[((gsize) tap * c->co + o) * c->ci + ch];
+    }
+
+  if (dx != NULL)
+    {
+      gsize xs = (gsize) c->ci * c->h * c->w;
+
+      /* wt[taps - 1 - tap][Ci,Co] = W[:, :, tap]^T, flipped */
+      for (int o = 0; o < c->co; o++)
+        for (int ch = 0; ch < c->ci; ch++)
+          for (int tap = 0; tap < taps; tap++)
+            wt[((gsize) (taps - 1 - tap) * c->ci + ch) * c->co + o] =
+              w->data[((gsize) o * c->ci + ch) * taps + tap];
+
+      /* dx[s, :, rows] += the tile's sum over taps; a unit is (sample, tile
+       * of rows). */
+#pragma omp parallel for schedule(static)
+      for (int u = 0; u < n * n_tiles; u++)
+        {
+          int s = u / n_tiles, y0 = (u % n_tiles) * tile_rows;
+          int y1 = MIN (y0 + tile_rows, t.ho);
+          int nq = (y1 - y0 - 1) * t.wp + t.wo;
+          float *tile = acc + per_thread * omp_get_thread_num ();
+          float *dxs = dx + s * xs + (gsize) y0 * t.wo;
+
+          conv_tile_shifted (&t, dyp + s * plane, ld, wt, y0, y1, tile);
+          for (int ch = 0; ch < t.co; ch++)
+            for (int rr = 0; rr < y1 - y0; rr++)
+              {
+                const float *src = tile + (gsize) ch * nq + (gsize) rr * t.wp;
+                float *dst = dxs + (gsize) ch * c->h * c->w
+                             + (gsize) rr * t.wo;
+
+                for (int ox = 0; ox < t.wo; ox++)
+                  dst[ox] += src[ox];
+              }
+        }
+    }
+}
+
+static void
+conv2d_backward (DfGraph *g, DfRecord *r)
+{
+  ConvGeom c;
+
+  blas_serial ();
+  conv_geom (&c, r->in[0], r->in[1], r->iarg[0], r->iarg[2], r->iarg[1]);
+  if (!conv_backward_shifted (&c, r->iarg[1]))
+    {
+      conv2d_backward_im2col (g, r);
+      return;
+    }
+
+  /* db [Co]: sum over N and P, in double, one channel a thread. */
+  if (df_grad_or_null (r->in[2]) != NULL)
+    {
+      float *db = df_grad_or_null (r->in[2]);
+      const float *dy = r->out->grad;
+      int n = r->in[0]->shape[0];
+      gsize p = (gsize) c.ho * c.wo;
+
+#pragma omp parallel for schedule(static)
+      for (int o = 0; o < c.co; o++)
+        {
+          double sum = 0;
+
+          for (int s = 0; s < n; s++)
+            {
+              const float *d = dy + ((gsize) s * c.co + o) * p;
+
+              for (gsize q = 0; q < p; q++)
+                sum += d[q];
+            }
+          db[o] += (float) sum;
+        }
+    }
+  if (df_grad_or_null (r->in[0]) != NULL || df_grad_or_null (r->in[1]) != NULL)
+    conv2d_backward_shifted (g, r, &c);
 }
 
 DfTensor *
@@ -435,7 +624,7 @@ df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
                   xn + p0, p, 0.0f, ys, p);
       else if (shifted)
         {
-          conv_tile_shifted (&c, xp + s * xps, wt, y0, y1, tile);
+          conv_tile_shifted (&c, xp + s * xps, xps / c.ci, wt, y0, y1, tile);
           conv_tile_store (&c, tile, y0, y1, b, ys, p);
           continue;
         }
@@ -468,6 +657,79 @@ df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
 
 /* ---- group norm ---- */
 
+/* Sums in double over 8 interleaved accumulators, added up in a fixed
+ * order: a single double accumulator is a chain of dependent adds, 8 floats
+ * a cycle slower than the vector units; the order depends on n only. */
+#define SUM_LANES 8
+
+static double
+lanes_total (const double *acc)
+{
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3]))
+         + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* sum of a[i] */
+static double
+sum_f (const float *a, gsize n)
+{
+  double acc[SUM_LANES] = { 0 };
+  gsize i = 0;
+
+  for (; i + SUM_LANES <= n; i += SUM_LANES)
+    for (int l = 0; l < SUM_LANES; l++)
+      acc[l] += a[i + l];
+  for (; i < n; i++)
+    acc[i % SUM_LANES] += a[i];
+  return lanes_total (acc);
+}
+
+/* sum of (a[i] - m)^2 */
+static double
+sum_sq_dev (const float *a, gsize n, double m)
+{
+  double acc[SUM_LANES] = { 0 };
+  gsize i = 0;
+
+  for (; i + SUM_LANES <= n; i += SUM_LANES)
+    for (int l = 0; l < SUM_LANES; l++)
+      {
+        double d = a[i + l] - m;
+
+        acc[l] += d * d;
+      }
+  for (; i < n; i++)
+    {
+      double d = a[i] - m;
+
+      acc[i % SUM_LANES] += d * d;
+    }
+  return lanes_total (acc);
+}
+
+/* *sd = sum of d[i], *sdx = sum of d[i] (x[i] - m) */
+static void
+sum_d_dx (const float *d, const float *x, gsize n, double m, double *sd,
+          double *sdx)
+{
+  double a1[SUM_LANES] = { 0 }, a2[SUM_LANES] = { 0 };
+  gsize i = 0;
+
+  for (; i + SUM_LANES <= n; i += SUM_LANES)
+    for (int l = 0; l < SUM_LANES; l++)
+      {
+        a1[l] += d[i + l];
+        a2[l] += (double) d[i + l] * (x[i + l] - m);
+      }
+  for (; i < n; i++)
+    {
+      a1[i % SUM_LANES] += d[i];
+      a2[i % SUM_LANES] += (double) d[i] * (x[i] - m);
+    }
+  *sd = lanes_total (a1);
+  *sdx = lanes_total (a2);
+}
+
 /* Saved per (n, group): mean and 1 / sqrt (var + eps), in double. */
 static void
 group_norm_backward (DfGraph *g, DfRecord *r)
@@ -483,74 +745,79 @@ group_norm_backward (DfGraph *g, DfRecord *r)
   int cpg = ch / groups;
   gsize s = x->size / ((gsize) n * ch);
   gsize m = (gsize) cpg * s;
+  double *csum;                                  /* [N,C,2] */
+
+  /* One pass: per (n, c), sum dy and sum dy xhat (xhat's rstd taken out).
+   * They give both dgamma, dbeta (sums over n in sample order) and the
+   * group means dx needs. */
+  csum = (double *) df_graph_workspace (g, 4 * (gsize) n * ch);
+#pragma omp parallel for schedule(static) if (x->size > DF_PAR_MIN)
+  for (int nc = 0; nc < n * ch; nc++)
+    {
+      int ng = (nc / ch) * groups + (nc % ch) / cpg;
+      double sd, sdx;
+
+      sum_d_dx (dy + (gsize) nc * s, x->data + (gsize) nc * s, s,
+                stat[2 * ng], &sd, &sdx);
+      csum[2 * nc] = sd;
+      csum[2 * nc + 1] = sdx * stat[2 * ng + 1];
+    }
 
   /* dx = rstd (g dy - mean (g dy) - xhat mean (g dy xhat)) per (n, group) */
   if (dx != NULL)
     {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (x->size > DF_PAR_MIN)
       for (int ng = 0; ng < n * groups; ng++)
         {
           gsize base = (gsize) ng * m;
           double mean = stat[2 * ng], rstd = stat[2 * ng + 1];
           double sum1 = 0, sum2 = 0, k1, k2;
-          int c0 = (ng % groups) * cpg;
+          int c0 = (ng % groups) * cpg, nc0 = (ng / groups) * ch + c0;
 
           for (int c = 0; c < cpg; c++)
             {
               double gc = gamma != NULL ? gamma[c0 + c] : 1.0;
 
-              for (gsize q = 0; q < s; q++)
-                {
-                  gsize i = base + c * s + q;
-                  double gdy = gc * dy[i];
-
-                  sum1 += gdy;
-                  sum2 += gdy * (x->data[i] - mean) * rstd;
-                }
+              sum1 += gc * csum[2 * (nc0 + c)];
+              sum2 += gc * csum[2 * (nc0 + c) + 1];
             }
           k1 = sum1 / m;
           k2 = sum2 / m;
+
+          /* dx = (rstd g) dy + a (x - mean) + b per channel, in float so
+           * that it vectorises (x - mean first: no cancellation when the
+           * mean is large) */
           for (int c = 0; c < cpg; c++)
             {
               double gc = gamma != NULL ? gamma[c0 + c] : 1.0;
+              float ga = (float) (rstd * gc), mf = (float) mean;
+              float a = (float) (-rstd * rstd * k2), b = (float) (-rstd * k1);
+              const float *xc = x->data + base + c * s;
+              const float *dc = dy + base + c * s;
+              float *dxc = dx + base + c * s;
 
               for (gsize q = 0; q < s; q++)
-                {
-                  gsize i = base + c * s + q;
-                  double xhat = (x->data[i] - mean) * rstd;
-
-                  dx[i] += (float) (rstd * (gc * dy[i] - k1 - xhat * k2));
-                }
+                dxc[q] += ga * dc[q] + (a * (xc[q] - mf) + b);
             }
         }
     }
 
-  /* dgamma, dbeta [C]: sums over N and S, one channel a thread. */
+  /* dgamma, dbeta [C]: the per-sample sums, added in sample order. */
   if (dgamma != NULL || dbeta != NULL)
-    {
-#pragma omp parallel for schedule(static)
-      for (int c = 0; c < ch; c++)
-        {
-          double sg = 0, sb = 0;
+    for (int c = 0; c < ch; c++)
+      {
+        double sg = 0, sb = 0;
 
-          for (int b = 0; b < n; b++)
-            {
-              int ng = b * groups + c / cpg;
-              double mean = stat[2 * ng], rstd = stat[2 * ng + 1];
-              gsize base = ((gsize) b * ch + c) * s;
-
-              for (gsize q = 0; q < s; q++)
-                {
-                  sb += dy[base + q];
-                  sg += dy[base + q] * (x->data[base + q] - mean) * rstd;
-                }
-            }
-          if (dgamma != NULL)
-            dgamma[c] += (float) sg;
-          if (dbeta != NULL)
-            dbeta[c] += (float) sb;
-        }
-    }
+        for (int b = 0; b < n; b++)
+          {
+            sb += csum[2 * ((gsize) b * ch + c)];
+            sg += csum[2 * ((gsize) b * ch + c) + 1];
+          }
+        if (dgamma != NULL)
+          dgamma[c] += (float) sg;
+        if (dbeta != NULL)
+          dbeta[c] += (float) sb;
+      }
 }
 
 DfTensor *
@@ -589,11 +856,9 @@ df_group_norm (DfGraph *g, DfTensor *x, DfTensor *gamma, DfTensor *beta,
       double sum = 0, var = 0, mean, rstd;
       int c0 = (ng % groups) * cpg;
 
-      for (gsize i = 0; i < m; i++)
-        sum += xg[i];
+      sum = sum_f (xg, m);
       mean = sum / m;
-      for (gsize i = 0; i < m; i++)
-        var += (xg[i] - mean) * (xg[i] - mean);
+      var = sum_sq_dev (xg, m, mean);
       rstd = 1.0 / sqrt (var / m + eps);
       stat[2 * ng] = mean;
       stat[2 * ng + 1] = rstd;
