@@ -22,7 +22,7 @@ typedef struct {
   char     *classifier, *out, *seed, *seeds;
   int       steps, count, batch, frames, threads;
   double    eta, scale;
-  gboolean  clip, quiet;
+  gboolean  no_clip, quiet;
 } GenOptions;
 
 static void
@@ -150,7 +150,7 @@ check_sampling_options (const GenOptions *o, DfSampleParams *p, GError **error)
 
   p->steps = o->steps;
   p->eta = o->eta;
-  p->clip_x0 = o->clip;
+  p->clip_x0 = !o->no_clip;
   p->scale = o->scale;
   return TRUE;
 }
@@ -262,8 +262,8 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
       "Timestep spacing: leading (default), trailing or linspace", "NAME" },
     { "variance", 0, 0, G_OPTION_ARG_STRING, &o.variance,
       "DDPM variance: fixed_small (default) or fixed_large", "NAME" },
-    { "clip", 0, 0, G_OPTION_ARG_NONE, &o.clip,
-      "Clip the predicted x0 to [-1, 1]", NULL },
+    { "no-clip", 0, 0, G_OPTION_ARG_NONE, &o.no_clip,
+      "Do not clip the predicted x0 to [-1, 1] (clipped by default)", NULL },
     { "seed", 0, 0, G_OPTION_ARG_STRING, &o.seed,
       "Noise seed (default 0)", "N" },
     { "count", 'n', 0, G_OPTION_ARG_INT, &o.count,
@@ -294,8 +294,8 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
       "DDIM steps (eta 0), 1 to T (default 50)", "N" },
     { "spacing", 0, 0, G_OPTION_ARG_STRING, &o.spacing,
       "Timestep spacing: leading (default), trailing or linspace", "NAME" },
-    { "clip", 0, 0, G_OPTION_ARG_NONE, &o.clip,
-      "Clip the predicted x0 to [-1, 1]", NULL },
+    { "no-clip", 0, 0, G_OPTION_ARG_NONE, &o.no_clip,
+      "Do not clip the predicted x0 to [-1, 1] (clipped by default)", NULL },
     { "batch", 'b', 0, G_OPTION_ARG_INT, &o.batch,
       "Frames per forward pass (default: up to 16)", "N" },
     { "class", 'c', 0, G_OPTION_ARG_STRING, &o.class_name,

@@ -29,7 +29,7 @@ df_sample_params_init (DfSampleParams *p)
   p->eta = 0.0;
   p->spacing = DF_SPACING_LEADING;
   p->variance = DF_VARIANCE_FIXED_SMALL;
-  p->clip_x0 = FALSE;
+  p->clip_x0 = TRUE;
   p->final_alpha_one = TRUE;
   p->seed = 0;
   p->label = -1;

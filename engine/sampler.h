@@ -42,7 +42,9 @@ typedef struct {
   double        scale;          /* guidance scale */
 } DfSampleParams;
 
-/* DDIM, 50 steps, eta 0, leading spacing, fixed_small, no clip, final ab 1,
+/* DDIM, 50 steps, eta 0, leading spacing, fixed_small, predicted x0 clipped
+ * to [-1, 1] (images live there; diffusers' schedulers clip by default too:
+ * without it an undertrained model's x0 at large t can run away), final ab 1,
  * seed 0, no label, no guidance, scale 1. */
 void df_sample_params_init (DfSampleParams *p);
 

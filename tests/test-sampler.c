@@ -256,6 +256,7 @@ check_gaussian (DfSamplerKind kind, int steps, double eta, DfVariance var,
   int nv = N * P;
 
   df_sample_params_init (&p);
+  p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
   p.sampler = kind;
   p.steps = steps;
   p.eta = eta;
@@ -343,6 +344,7 @@ test_ddim_eta1_is_ddpm (void)
   double worst = 0;
 
   df_sample_params_init (&p);
+  p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
   p.steps = 40;
   p.seed = 6;
   p.eta = 1;
@@ -387,6 +389,7 @@ test_ddim_deterministic (void)
   for (int i = 0; i < N; i++)
     df_sample_initial_noise (5, i, P, x_T + i * P);
   df_sample_params_init (&p);
+  p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
   p.steps = 20;
   p.seed = 1;
   a = run (&o, &p, 0, N, x_T);
@@ -417,6 +420,7 @@ test_noise_keys (void)
   double worst = 0;
 
   df_sample_params_init (&p);
+  p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
   p.steps = 2;
   p.eta = 1;
   p.seed = seed;
@@ -470,6 +474,7 @@ test_batch_invariance (void)
       float *batch;
 
       df_sample_params_init (&p);
+      p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
       p.seed = 1234;
       p.steps = 25;
       if (c == 0)
@@ -516,6 +521,7 @@ test_threaded_batch (void)
   float *big;
 
   df_sample_params_init (&p);
+  p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
   p.sampler = DF_SAMPLER_DDPM;
   p.steps = 8;
   p.seed = 99;
@@ -545,6 +551,7 @@ test_free_scale_one (void)
   float *cond, *free1;
 
   df_sample_params_init (&p);
+  p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
   p.steps = 30;
   p.eta = 1;
   p.seed = 3;
@@ -573,6 +580,7 @@ test_free_scale_zero (void)
   float *uncond, *free0;
 
   df_sample_params_init (&p);
+  p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
   p.sampler = DF_SAMPLER_DDPM;
   p.steps = 40;
   p.seed = 8;
@@ -630,6 +638,7 @@ test_classifier_shifts (void)
             float *out;
 
             df_sample_params_init (&p);
+            p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
             p.sampler = kind ? DF_SAMPLER_DDPM : DF_SAMPLER_DDIM;
             p.steps = kind ? 200 : 50;
             p.seed = 21;
@@ -671,6 +680,7 @@ test_classifier_exact (void)
   double worst = 0;
 
   df_sample_params_init (&p);
+  p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
   p.steps = 50;
   p.seed = 4;
   p.label = 1;
@@ -711,6 +721,7 @@ check_one_step (DfSamplerKind kind, DfGuidance guidance, double scale,
   for (int i = 0; i < N * P; i++)
     x_T[i] *= 2;   /* spread x0 beyond [-1, 1] for the clip */
   df_sample_params_init (&p);
+  p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
   p.sampler = kind;
   p.steps = 1;
   p.spacing = DF_SPACING_TRAILING;
@@ -808,6 +819,7 @@ test_clip (void)
 
   o.progress_x0 = g_new (float, N * P);
   df_sample_params_init (&p);
+  p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
   p.steps = 10;
   p.eta = 1;
   p.clip_x0 = TRUE;
@@ -841,6 +853,7 @@ test_progress (void)
 
   o.progress_x0 = x0;
   df_sample_params_init (&p);
+  p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
   p.steps = 17;
   g_assert_true (df_sample (s, &d, &p, 0, N, NULL, out, oracle_progress, &o,
                             NULL, &error));
@@ -865,6 +878,7 @@ test_cancel (void)
   GError *error = NULL;
 
   df_sample_params_init (&p);
+  p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
   p.steps = 10;
   o.cancel_at_step_of = cancel;
   o.cancel_step = 3;
@@ -908,6 +922,7 @@ test_bad_params (void)
       GError *error = NULL;
 
       df_sample_params_init (&p);
+      p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
       switch (c)
         {
         case 0: p.steps = 0; break;
@@ -954,6 +969,7 @@ test_bad_params (void)
     GError *error = NULL;
 
     df_sample_params_init (&p);
+    p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
     d.class_grad = oracle_grad;
     p.guidance = DF_GUIDANCE_CLASSIFIER;
     p.label = 1;
