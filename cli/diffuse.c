@@ -87,6 +87,12 @@ check_sampling_options (const GenOptions *o, DfSampleParams *p, GError **error)
                    "--guidance-scale %g: give a finite number", o->scale);
       return FALSE;
     }
+  if (o->out != NULL && o->out[0] == '\0')
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--out \"\": give the folder to write the images to");
+      return FALSE;
+    }
   if (o->threads < 0 || o->threads > DF_MAX_THREADS)
     {
       g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,

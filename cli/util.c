@@ -140,7 +140,7 @@ cli_parse_int_list (const char *what, const char *s, int *out, int max,
 gboolean
 cli_parse_class (DfModel *m, const char *s, int *label, GError **error)
 {
-  int k = df_model_num_classes (m);
+  int k = df_model_num_classes (m), found;
   guint64 index;
   GString *names;
 
@@ -151,25 +151,20 @@ cli_parse_class (DfModel *m, const char *s, int *label, GError **error)
                    df_model_path (m));
       return FALSE;
     }
-  if (g_ascii_string_to_unsigned (s, 10, 0, G_MAXUINT64, &index, NULL))
+  /* A class's own name wins over an index (folders named 1..10). */
+  found = df_model_class_lookup (m, s);
+  if (found >= 0 && found < k)
     {
-      if (index >= (guint64) k)
-        {
-          g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
-                       "--class %s is out of range: %s has classes 0 to %d",
-                       s, df_model_path (m), k - 1);
-          return FALSE;
-        }
-      *label = index;
+      *label = found;
       return TRUE;
     }
-  for (int i = 0; i < k; i++)
-    if (df_model_class_name (m, i)
-        && g_ascii_strcasecmp (df_model_class_name (m, i), s) == 0)
-      {
-        *label = i;
-        return TRUE;
-      }
+  if (g_ascii_string_to_unsigned (s, 10, 0, G_MAXUINT64, &index, NULL))
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--class %s is out of range: %s has classes 0 to %d",
+                   s, df_model_path (m), k - 1);
+      return FALSE;
+    }
 
   names = g_string_new (NULL);
   for (int i = 0; i < k; i++)

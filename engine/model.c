@@ -879,12 +879,30 @@ input_tensor (DfModel *m, DfGraph *g, const float *x, int n)
   return xt;
 }
 
+/* A NaN in the weights or the input turns every later value into NaN: say
+ * so instead of writing black images. */
+static gboolean
+output_finite (DfModel *m, const float *v, gsize n, GError **error)
+{
+  for (gsize i = 0; i < n; i++)
+    if (!isfinite (v[i]))
+      {
+        g_set_error (error, DF_MODEL_ERROR, DF_MODEL_ERROR_FORMAT,
+                     "%s: the network's output is not finite (NaN or "
+                     "infinity): the weights or the input hold such values",
+                     m->path ? m->path : "model");
+        return FALSE;
+      }
+  return TRUE;
+}
+
 gboolean
 df_model_eps (DfModel *m, const float *x, int n, int t, const int *labels,
               float *eps, GError **error)
 {
   DfTensor *xt, *y;
   const int *lab = labels;
+  gsize len = 0;
 
   g_return_val_if_fail (m != NULL && !m->classifier, FALSE);
   g_return_val_if_fail (x != NULL && eps != NULL && n >= 1, FALSE);
@@ -906,12 +924,17 @@ df_model_eps (DfModel *m, const float *x, int n, int t, const int *labels,
   xt = input_tensor (m, m->graph, x, n);
   y = df_unet_forward (m->net, m->graph, xt, m->tbuf, lab);
   if (y != NULL)
-    memcpy (eps, y->data, y->size * sizeof (float));
+    {
+      len = y->size;
+      memcpy (eps, y->data, len * sizeof (float));
+    }
   g_mutex_unlock (&m->lock);
 
   if (y == NULL)
     g_set_error (error, DF_MODEL_ERROR, DF_MODEL_ERROR_INVALID,
                  "the network rejected its input (see the log)");
+  else if (!output_finite (m, eps, len, error))
+    return FALSE;
   return y != NULL;
 }
 

@@ -17,6 +17,9 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <glib/gstdio.h>
+#include <unistd.h>
+
 #include "rng.h"
 #include "safetensors.h"
 
@@ -104,6 +107,29 @@ df_train_options_init (DfTrainOptions *o)
 
 /* ---- set-up ---- */
 
+/* Hours of training must not end in "cannot write": every file the run
+ * will write needs a folder that exists and can be written to. */
+static gboolean
+check_writable (const char *what, const char *path, GError **error)
+{
+  char *dir;
+  gboolean ok;
+
+  if (path == NULL)
+    return TRUE;
+  dir = g_path_get_dirname (path);
+  ok = g_file_test (dir, G_FILE_TEST_IS_DIR) && g_access (dir, W_OK) == 0
+       && !g_file_test (path, G_FILE_TEST_IS_DIR);
+  if (!ok)
+    g_set_error (error, DF_TRAIN_ERROR, DF_TRAIN_ERROR_INVALID,
+                 "%s %s cannot be written: %s is not a folder that can be "
+                 "written to (create it first)%s", what, path, dir,
+                 g_file_test (path, G_FILE_TEST_IS_DIR)
+                 ? ", or the path is a folder" : "");
+  g_free (dir);
+  return ok;
+}
+
 static gboolean
 check_options (const DfTrainOptions *o, GError **error)
 {
@@ -161,7 +187,10 @@ df_trainer_new (DfModel *m, const DfDataset *data, const DfTrainOptions *o,
   g_return_val_if_fail (m != NULL && data != NULL && o != NULL, NULL);
   g_return_val_if_fail (error == NULL || *error == NULL, NULL);
 
-  if (!check_options (o, error))
+  if (!check_options (o, error)
+      || !check_writable ("the checkpoint", o->checkpoint, error)
+      || !check_writable ("the weights file", o->output, error)
+      || !check_writable ("the loss log", o->log_csv, error))
     return NULL;
 
   /* The data must fit the model. */

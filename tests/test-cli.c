@@ -823,6 +823,19 @@ test_bad_input (gconstpointer data)
   g_free (dir);
 }
 
+/* --out "" once wrote into the current folder and named "/0000.png". */
+static void
+test_out_empty (void)
+{
+  const char *args[] = { "generate", "--model", substitute ("@gray"),
+                         "--count", "1", "--steps", "1", "--out", "",
+                         "--quiet", NULL };
+  Run r = run_argv (args);
+
+  assert_one_line_error (&r, "--out");
+  run_clear (&r);
+}
+
 static void
 test_schedule_bad (void)
 {
@@ -1031,6 +1044,7 @@ main (int argc, char **argv)
       g_test_add_data_func (path, &bad_npys[i], test_eps_bad);
       g_free (path);
     }
+  g_test_add_func ("/engine/cli/bad-input/out-empty", test_out_empty);
   for (gsize i = 0; i < G_N_ELEMENTS (bad_cases); i++)
     {
       char *path = g_strdup_printf ("/engine/cli/bad-input/%s",

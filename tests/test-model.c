@@ -670,6 +670,27 @@ test_generate_invalid (void)
   df_model_free (clf_t);
 }
 
+/* One NaN weight poisons every output: an error, not black images. */
+static void
+test_nan_weight (void)
+{
+  DfModel *m = tiny_model (FALSE, 100, 12);
+  DfTensor *w = df_unet_find_param (df_model_net (m), "conv_in.weight");
+  DfSampleParams p;
+  float out[P];
+  GError *error = NULL;
+
+  w->data[0] = NAN;
+  df_sample_params_init (&p);
+  p.steps = 2;
+  g_assert_false (df_model_generate (m, NULL, &p, 1, 1, out, NULL, NULL,
+                                     NULL, &error));
+  g_assert_error (error, DF_MODEL_ERROR, DF_MODEL_ERROR_FORMAT);
+  g_test_message ("%s", error->message);
+  g_clear_error (&error);
+  df_model_free (m);
+}
+
 static void
 test_interpolate_ends (void)
 {
@@ -803,6 +824,7 @@ main (int argc, char **argv)
                    test_generate_thread_invariant);
   g_test_add_func ("/engine/model/generate-progress", test_generate_progress);
   g_test_add_func ("/engine/model/generate-invalid", test_generate_invalid);
+  g_test_add_func ("/engine/model/nan-weight-is-an-error", test_nan_weight);
   g_test_add_func ("/engine/model/interpolate-ends", test_interpolate_ends);
   g_test_add_func ("/engine/model/classifier-grad", test_class_grad);
   ret = g_test_run ();

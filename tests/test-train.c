@@ -676,6 +676,18 @@ test_data_mismatch (void)
   g_test_message ("%s", error->message);
   g_clear_error (&error);
   d->h = d->w = SIZE;
+
+  /* Output paths whose folder is missing fail now, not after the run. */
+  test_options (&o, "/nonexistent-folder/run.ckpt", 1);
+  g_assert_null (df_trainer_new (m, d, &o, &error));
+  g_assert_error (error, DF_TRAIN_ERROR, DF_TRAIN_ERROR_INVALID);
+  g_test_message ("%s", error->message);
+  g_clear_error (&error);
+  test_options (&o, NULL, 1);
+  o.output = "/nonexistent-folder/model.safetensors";
+  g_assert_null (df_trainer_new (m, d, &o, &error));
+  g_assert_error (error, DF_TRAIN_ERROR, DF_TRAIN_ERROR_INVALID);
+  g_clear_error (&error);
   df_model_free (m);
   df_dataset_free (d);
 }
