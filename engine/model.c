@@ -646,21 +646,16 @@ out:
   return m;
 }
 
-gboolean
-df_model_save (DfModel *m, const char *path, GError **error)
+char **
+df_model_metadata (DfModel *m)
 {
-  const DfParam *params;
-  DfSafetensorsEntry *entries;
   JsonBuilder *b;
   JsonNode *node;
-  char *meta[15];
-  int n_params, k = 0;
-  gboolean ok;
+  char **meta = g_new0 (char *, 15);
+  int k = 0;
 
-  g_return_val_if_fail (m != NULL && path != NULL, FALSE);
-  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+  g_return_val_if_fail (m != NULL, NULL);
 
-  /* The metadata model.h describes. */
   meta[k++] = g_strdup ("format");
   meta[k++] = g_strdup ("diffuse");
   meta[k++] = g_strdup ("format_version");
@@ -688,6 +683,22 @@ df_model_save (DfModel *m, const char *path, GError **error)
   meta[k++] = g_strdup ("uncond_class");
   meta[k++] = g_strdup_printf ("%d", m->uncond_class);
   meta[k] = NULL;
+  return meta;
+}
+
+gboolean
+df_model_save (DfModel *m, const char *path, GError **error)
+{
+  const DfParam *params;
+  DfSafetensorsEntry *entries;
+  char **meta;
+  int n_params;
+  gboolean ok;
+
+  g_return_val_if_fail (m != NULL && path != NULL, FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  meta = df_model_metadata (m);
 
   /* The parameters under diffusers' names. */
   params = df_unet_params (m->net, &n_params);
@@ -708,8 +719,7 @@ df_model_save (DfModel *m, const char *path, GError **error)
       m->path = g_strdup (path);
     }
   g_free (entries);
-  for (int i = 0; i < k; i++)
-    g_free (meta[i]);
+  g_strfreev (meta);
   return ok;
 }
 

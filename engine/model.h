@@ -39,6 +39,9 @@ DfModel     *df_model_new            (const DfUNetConfig *cfg, gboolean classifi
                                       int uncond_class, GError **error);
 DfModel     *df_model_load           (const char *path, GError **error);
 gboolean     df_model_save           (DfModel *m, const char *path, GError **error);
+/* The __metadata__ above as a NULL-terminated key, value, ... list (for
+ * files that carry a model and more, such as checkpoints); g_strfreev. */
+char       **df_model_metadata       (DfModel *m);
 void         df_model_free           (DfModel *m);
 
 DfUNet      *df_model_net            (DfModel *m);

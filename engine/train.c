@@ -553,52 +553,14 @@ checkpoint_metadata (DfTrainer *t)
 {
   GPtrArray *kv = g_ptr_array_new ();
   const DfTrainOptions *o = &t->o;
-  const DfSchedule *s = t->schedule;
-  JsonNode *cfg = df_unet_config_to_json (df_unet_config (t->net));
-  JsonObject *cobj = json_node_get_object (cfg);
-  JsonBuilder *b;
-  JsonNode *node;
+  char **model_meta = df_model_metadata (t->model);
 
 #define KV(k, v) G_STMT_START { g_ptr_array_add (kv, g_strdup (k)); \
                                 g_ptr_array_add (kv, (v)); } G_STMT_END
 
-  KV ("format", g_strdup ("diffuse"));
-  KV ("format_version", g_strdup ("1"));
-  KV ("kind", g_strdup (t->classifier ? "classifier" : "unet"));
-  if (t->classifier && !json_object_has_member (cobj, "classifier_classes"))
-    json_object_set_int_member (cobj, "classifier_classes",
-                                df_unet_config (t->net)->classifier_classes);
-  KV ("config", json_to_string (cfg, FALSE));
-  json_node_unref (cfg);
-
-  b = json_builder_new ();
-  json_builder_begin_object (b);
-  json_builder_set_member_name (b, "beta_schedule");
-  json_builder_add_string_value (b, df_beta_schedule_name (s->kind));
-  json_builder_set_member_name (b, "num_train_timesteps");
-  json_builder_add_int_value (b, s->T);
-  json_builder_set_member_name (b, "beta_start");
-  json_builder_add_double_value (b, s->beta_start);
-  json_builder_set_member_name (b, "beta_end");
-  json_builder_add_double_value (b, s->beta_end);
-  json_builder_set_member_name (b, "prediction_type");
-  json_builder_add_string_value (b, "epsilon");
-  json_builder_end_object (b);
-  node = json_builder_get_root (b);
-  KV ("schedule", json_to_string (node, FALSE));
-  json_node_unref (node);
-  g_object_unref (b);
-
-  b = json_builder_new ();
-  json_builder_begin_array (b);
-  for (int i = 0; i < df_model_num_classes (t->model); i++)
-    json_builder_add_string_value (b, df_model_class_name (t->model, i));
-  json_builder_end_array (b);
-  node = json_builder_get_root (b);
-  KV ("class_names", json_to_string (node, FALSE));
-  json_node_unref (node);
-  g_object_unref (b);
-  KV ("uncond_class", g_strdup_printf ("%d", df_model_uncond_class (t->model)));
+  for (char **p = model_meta; *p != NULL; p++)
+    g_ptr_array_add (kv, g_strdup (*p));
+  g_strfreev (model_meta);
 
   KV ("train.step", g_strdup_printf ("%d", t->step));
   KV ("train.smoothed_loss", dtostr (t->have_smoothed ? t->smoothed : NAN));
