@@ -196,6 +196,27 @@ conv_pointwise (const ConvGeom *c, int pad_hi)
          && pad_hi == 0;
 }
 
+/* db [Co] += dy [N,Co,P] summed over N and P, in double, one channel a
+ * thread: the order of the sum does not depend on the thread count. */
+static void
+conv_bias_grad (const float *dy, int n, int co, gsize p, float *db)
+{
+#pragma omp parallel for schedule(static)
+  for (int o = 0; o < co; o++)
+    {
+      double sum = 0;
+
+      for (int s = 0; s < n; s++)
+        {
+          const float *d = dy + ((gsize) s * co + o) * p;
+
+          for (gsize q = 0; q < p; q++)
+            sum += d[q];
+        }
+      db[o] += (float) sum;
+    }
+}
+
 /* The general backward: dW from im2col tiles per channel group and sample,
  * dx through W^T dY and col2im.  Used where the shifted form below is not
  * (strided and unpadded convolutions). */
@@ -222,24 +243,8 @@ conv2d_backward_im2col (DfGraph *g, DfRecord *r)
   xs = (gsize) c.ci * c.h * c.w;
   n_cg = (c.ci + CONV_TILE_C - 1) / CONV_TILE_C;
 
-  /* db [Co]: sum over N and P, in double, one channel a thread. */
   if (db != NULL)
-    {
-#pragma omp parallel for schedule(static)
-      for (int o = 0; o < c.co; o++)
-        {
-          double sum = 0;
-
-          for (int s = 0; s < n; s++)
-            {
-              const float *d = dy + ((gsize) s * c.co + o) * p;
-
-              for (gsize q = 0; q < p; q++)
-                sum += d[q];
-            }
-          db[o] += (float) sum;
-        }
-    }
+    conv_bias_grad (dy, n, c.co, p, db);
 
   /* Per thread: the im2col rows [CONV_TILE_C*kh*kw, P] of one channel group,
    * recomputed here rather than kept from the forward pass. */
@@ -532,29 +537,9 @@ conv2d_backward (DfGraph *g, DfRecord *r)
       return;
     }
 
-  /* db [Co]: sum over N and P, in double, one channel a thread. */
   if (df_grad_or_null (r->in[2]) != NULL)
-    {
-      float *db = df_grad_or_null (r->in[2]);
-      const float *dy = r->out->grad;
-      int n = r->in[0]->shape[0];
-      gsize p = (gsize) c.ho * c.wo;
-
-#pragma omp parallel for schedule(static)
-      for (int o = 0; o < c.co; o++)
-        {
-          double sum = 0;
-
-          for (int s = 0; s < n; s++)
-            {
-              const float *d = dy + ((gsize) s * c.co + o) * p;
-
-              for (gsize q = 0; q < p; q++)
-                sum += d[q];
-            }
-          db[o] += (float) sum;
-        }
-    }
+    conv_bias_grad (r->out->grad, r->in[0]->shape[0], c.co,
+                    (gsize) c.ho * c.wo, df_grad_or_null (r->in[2]));
   if (df_grad_or_null (r->in[0]) != NULL || df_grad_or_null (r->in[1]) != NULL)
     conv2d_backward_shifted (g, r, &c);
 }
