@@ -389,8 +389,13 @@ conv_tile_store (const ConvGeom *c, const float *acc, int y0, int y1,
     }
 }
 
-/* Output channels per dW unit of the shifted backward. */
-#define CONV_TILE_CO 32
+/* Samples per dW unit of the shifted backward.  A unit is one GEMM over
+ * every output and input channel (splitting Co or Ci would pack the other
+ * operand again per block, which costs as much as the multiply at these
+ * sizes); the batch is cut into fixed runs of samples instead, and their
+ * partial sums are added in order, so the result does not depend on the
+ * thread count. */
+#define CONV_DW_SAMPLES 16
 
 /* "Same" stride-1 convolutions (Ho = H, Wo = W, kh = kw, pads summing to
  * kh - 1, 1x1 ones included) take the shifted form backward too. */
@@ -407,8 +412,8 @@ conv_backward_shifted (const ConvGeom *c, int pad_hi)
  *  - dW: tap (i, j) is dW_tap [Co,Ci] = dyp [Co,K] xpt^T shifted by
  *    (i - pad_hi) Wp + j - pad_hi, K running over every sample's plane in
  *    order (the zero padding of dyp kills the cross-row and cross-sample
- *    products): one GEMM of K ~ N Hp Wp per (tap, block of Co), summed in
- *    sample order whatever the thread count.
+ *    products): one GEMM of K ~ 16 Hp Wp per (run of samples, tap), the
+ *    runs summed in order whatever the thread count.
  *  - dx is the transposed convolution: a shifted convolution of dyp by the
  *    flipped, transposed kernel, tile by tile as the forward, each (sample,
  *    tile of rows) owning its part of dx. */
@@ -420,7 +425,7 @@ conv2d_backward_shifted (DfGraph *g, DfRecord *r, const ConvGeom *c)
   float *dw = df_grad_or_null (w);               /* [Co,Ci,kh,kw] */
   const float *dy = r->out->grad;                /* [N,Co,H,W] */
   int n = x->shape[0], pad_hi = r->iarg[1], taps = c->kh * c->kw;
-  int n_tiles, tile_rows, threads = omp_get_max_threads ();
+  int n_tiles, tile_rows, n_runs, threads = omp_get_max_threads ();
   gsize p = (gsize) c->ho * c->wo, plane = (gsize) c->hp * c->wp;
   gsize ld = (gsize) n * plane, wsize = (gsize) taps * c->co * c->ci;
   gsize per_thread;
@@ -444,47 +449,54 @@ conv2d_backward_shifted (DfGraph *g, DfRecord *r, const ConvGeom *c)
   /* Workspace: dyp [Co,N,Hp,Wp], xpt [Ci,N,Hp,Wp] (dW only), the weights
    * by tap (dx: [taps][Ci,Co] flipped; dW: [taps][Co,Ci] results), and
    * [threads][per_thread] tiles (dx only). */
+  n_runs = (n + CONV_DW_SAMPLES - 1) / CONV_DW_SAMPLES;
   work = df_graph_workspace (g, (gsize) c->co * ld
                                 + (dw != NULL ? (gsize) c->ci * ld : 0)
-                                + wsize
+                                + wsize * (dw != NULL ? n_runs : 1)
                                 + (dx != NULL ? per_thread * threads : 0));
   dyp = work;
   xpt = dyp + (gsize) c->co * ld;
   wt = xpt + (dw != NULL ? (gsize) c->ci * ld : 0);
-  acc = wt + wsize;
+  acc = wt + wsize * (dw != NULL ? n_runs : 1);
   pad_planes (dy, n, c->co, c->ho, c->wo, c->hp, c->wp, pad_hi, TRUE, dyp);
 
   if (dw != NULL)
     {
-      int n_ob = (c->co + CONV_TILE_CO - 1) / CONV_TILE_CO;
       int first = pad_hi * c->wp + pad_hi;
-      gsize k = (gsize) (n - 1) * plane + (gsize) (c->ho - 1) * c->wp + c->wo;
 
       pad_planes (x->data, n, c->ci, c->h, c->w, c->hp, c->wp, c->pad, TRUE,
                   xpt);
 
-      /* wt[tap][Co,Ci] = dyp [Co,K] (xpt shifted)^T; a unit is (tap, block
-       * of Co rows). */
+      /* wt[run][tap][Co,Ci] = dyp [Co,K] (xpt shifted)^T over the run's
+       * samples; a unit is (run, tap). */
 #pragma omp parallel for schedule(static)
-      for (int u = 0; u < taps * n_ob; u++)
+      for (int u = 0; u < n_runs * taps; u++)
         {
-          int tap = u / n_ob, o0 = (u % n_ob) * CONV_TILE_CO;
-          int ob = MIN (CONV_TILE_CO, c->co - o0);
+          int run = u / taps, tap = u % taps;
+          int s0 = run * CONV_DW_SAMPLES, s1 = MIN (s0 + CONV_DW_SAMPLES, n);
           int i = tap / c->kw, j = tap % c->kw;
+          gsize k = (gsize) (s1 - s0 - 1) * plane
+                    + (gsize) (c->ho - 1) * c->wp + c->wo;
+          gsize off = (gsize) s0 * plane;
 
-          df_sgemm (DF_NO_TRANS, DF_TRANS, ob, c->ci, k, 1.0f,
-                    dyp + (gsize) o0 * ld + first, ld,
-                    xpt + (gsize) i * c->wp + j, ld, 0.0f,
-                    wt + ((gsize) tap * c->co + o0) * c->ci, c->ci);
+          df_sgemm (DF_NO_TRANS, DF_TRANS, c->co, c->ci, k, 1.0f,
+                    dyp + off + first, ld, xpt + off + (gsize) i * c->wp + j,
+                    ld, 0.0f, wt + ((gsize) run * taps + tap) * c->co * c->ci,
+                    c->ci);
         }
 
-      /* dw [Co,Ci,kh,kw] += wt; a unit is an output channel. */
+      /* dw [Co,Ci,kh,kw] += the runs' wt in order; a unit is an output
+       * channel. */
 #pragma omp parallel for schedule(static) if (wsize > DF_PAR_MIN)
       for (int o = 0; o < c->co; o++)
         for (int ch = 0; ch < c->ci; ch++)
           for (int tap = 0; tap < taps; tap++)
-            dw[((gsize) o * c->ci + ch) * taps + tap] +=
-              wt[((gsize) tap * c->co + o) * c->ci + ch];
+            {
+              float *d = &dw[((gsize) o * c->ci + ch) * taps + tap];
+
+              for (int run = 0; run < n_runs; run++)
+                *d += wt[(((gsize) run * taps + tap) * c->co + o) * c->ci + ch];
+            }
     }
 
   if (dx != NULL)
