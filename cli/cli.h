@@ -43,6 +43,13 @@ DfModel  *cli_load_model    (const char *path, const char *shipped,
 #define CLI_UNET_FILE        "fashion-mnist.safetensors"
 #define CLI_CLASSIFIER_FILE  "fashion-mnist-classifier.safetensors"
 
+/* GOption cannot say whether an option was given: a numeric option that
+ * must be told apart from its default starts at one of these, values nobody
+ * types, and gets its default after parsing.  (A string option starts at
+ * NULL; GOption drops a non-NULL starting string without freeing it.) */
+#define CLI_INT_UNSET     G_MININT
+#define CLI_DOUBLE_UNSET  (-G_MAXDOUBLE)
+
 /* Parsers for option values; what names the option in messages. */
 gboolean  cli_parse_u64     (const char *what, const char *s, guint64 *out,
                              GError **error);
@@ -51,6 +58,18 @@ gboolean  cli_parse_int_list(const char *what, const char *s, int *out,
 /* A class given as a name or an index, checked against the model. */
 gboolean  cli_parse_class   (DfModel *m, const char *s, int *label,
                              GError **error);
+
+/* An IDX folder: it holds PREFIX-images-idx3-ubyte[.gz] (prefix "train" or
+ * "t10k"). */
+gboolean  cli_is_idx_folder (const char *dir, const char *prefix);
+
+/* A file a command will write: its folder exists and path is not a folder.
+ * Checked before the work, so hours of it do not end in "cannot write". */
+gboolean  cli_check_output_file (const char *option, const char *path,
+                                 GError **error);
+/* GLib's atomic writes name their temporary file, PATH.XXXXXX, in their
+ * errors: put back PATH, the name the user gave, in error's message. */
+void      cli_error_restore_path (GError *error, const char *path);
 
 /* ---- images ---- */
 

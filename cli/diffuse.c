@@ -32,9 +32,22 @@ gen_options_init (GenOptions *o)
   o->steps = 50;
   o->count = 16;
   o->frames = 8;
-  o->scale = 3.0;
-  o->out = g_strdup ("out");
-  o->seed = g_strdup ("0");
+
+  /* Unset until parsed: an option given where it has no effect is an
+   * error, so these must tell "given" from "default". */
+  o->eta = CLI_DOUBLE_UNSET;
+  o->scale = CLI_DOUBLE_UNSET;
+}
+
+/* The defaults of what was not given (strings only after parsing: GOption
+ * would drop a default string without freeing it). */
+static void
+gen_options_defaults (GenOptions *o)
+{
+  if (o->out == NULL)
+    o->out = g_strdup ("out");
+  if (o->seed == NULL)
+    o->seed = g_strdup ("0");
 }
 
 static void
@@ -66,6 +79,9 @@ gen_options_clear (GenOptions *o)
 static gboolean
 check_sampling_options (const GenOptions *o, DfSampleParams *p, GError **error)
 {
+  gboolean eta_given = o->eta != CLI_DOUBLE_UNSET;
+  gboolean scale_given = o->scale != CLI_DOUBLE_UNSET;
+
   df_sample_params_init (p);
 
   if (o->steps < 1)
@@ -74,14 +90,15 @@ check_sampling_options (const GenOptions *o, DfSampleParams *p, GError **error)
                    "--steps %d: give at least 1 denoising step", o->steps);
       return FALSE;
     }
-  if (!(o->eta >= 0) || isinf (o->eta))
+  /* The plug-in's range; the sampler would take eta > 1 but clamp it. */
+  if (eta_given && !(o->eta >= 0 && o->eta <= 1))
     {
       g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
-                   "--eta %g: give a number >= 0 (0: deterministic DDIM, "
-                   "1: DDPM-like noise)", o->eta);
+                   "--eta %g is out of range: use 0..1 (0 is deterministic "
+                   "DDIM, 1 is DDPM-like)", o->eta);
       return FALSE;
     }
-  if (!isfinite (o->scale))
+  if (scale_given && !isfinite (o->scale))
     {
       g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
                    "--guidance-scale %g: give a finite number", o->scale);
@@ -151,13 +168,55 @@ check_sampling_options (const GenOptions *o, DfSampleParams *p, GError **error)
                    o->guidance);
       return FALSE;
     }
+
+  /* An option given where it does nothing is a mistake worth hearing of. */
+  if (eta_given && p->sampler == DF_SAMPLER_DDPM)
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--eta %g has no effect with --sampler ddpm (eta is the "
+                   "DDIM sampler's noise): drop --eta or use --sampler ddim",
+                   o->eta);
+      return FALSE;
+    }
+  if (o->variance && p->sampler == DF_SAMPLER_DDIM)
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--variance %s has no effect with --sampler ddim%s: give "
+                   "--sampler ddpm or drop --variance", o->variance,
+                   o->sampler ? "" : " (the default)");
+      return FALSE;
+    }
+  if (scale_given && o->class_name == NULL)
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--guidance-scale %g has no effect without --class: give "
+                   "the class to guide towards or drop --guidance-scale",
+                   o->scale);
+      return FALSE;
+    }
+  if (scale_given && o->guidance && strcmp (o->guidance, "none") == 0)
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--guidance-scale %g has no effect with --guidance none: "
+                   "drop one of them", o->scale);
+      return FALSE;
+    }
+  if (o->classifier
+      && (o->guidance == NULL || strcmp (o->guidance, "classifier") != 0))
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--classifier %s has no effect without --guidance "
+                   "classifier: give that too or drop --classifier",
+                   o->classifier);
+      return FALSE;
+    }
   if (!cli_parse_u64 ("--seed", o->seed, &p->seed, error))
     return FALSE;
 
   p->steps = o->steps;
-  p->eta = o->eta;
+  p->eta = eta_given ? o->eta : 0.0;
   p->clip_x0 = !o->no_clip;
-  p->scale = o->scale;
+  p->scale = scale_given ? o->scale : 3.0;
   return TRUE;
 }
 
@@ -203,6 +262,17 @@ check_model_options (const GenOptions *o, DfModel *m, DfSampleParams *p,
   else
     p->guidance = DF_GUIDANCE_NONE;
 
+  if (p->guidance == DF_GUIDANCE_NONE && o->scale != CLI_DOUBLE_UNSET)
+    {
+      /* Only the default can land here: --guidance none was refused. */
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--guidance-scale %g has no effect: %s has no "
+                   "unconditional class, so --class %s samples without "
+                   "guidance; give --guidance classifier or drop "
+                   "--guidance-scale", o->scale, df_model_path (m),
+                   o->class_name);
+      return FALSE;
+    }
   if (p->guidance == DF_GUIDANCE_FREE && df_model_uncond_class (m) < 0)
     {
       g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
@@ -261,7 +331,7 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
     { "steps", 's', 0, G_OPTION_ARG_INT, &o.steps,
       "Denoising steps, 1 to T (default 50)", "N" },
     { "eta", 'e', 0, G_OPTION_ARG_DOUBLE, &o.eta,
-      "DDIM noise: 0 deterministic (default), 1 DDPM-like", "ETA" },
+      "DDIM noise, 0 to 1: 0 deterministic (default), 1 DDPM-like", "ETA" },
     { "sampler", 0, 0, G_OPTION_ARG_STRING, &o.sampler,
       "ddim (default) or ddpm", "NAME" },
     { "spacing", 0, 0, G_OPTION_ARG_STRING, &o.spacing,
@@ -281,7 +351,7 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
     { "guidance", 'g', 0, G_OPTION_ARG_STRING, &o.guidance,
       "free (default with --class), classifier or none", "KIND" },
     { "guidance-scale", 0, 0, G_OPTION_ARG_DOUBLE, &o.scale,
-      "Guidance scale (default 3)", "S" },
+      "Guidance scale, with --class (default 3)", "S" },
     { "classifier", 0, 0, G_OPTION_ARG_FILENAME, &o.classifier,
       "Noisy classifier for --guidance classifier (default: shipped)", "PATH" },
     OPT_THREADS (&o),
@@ -309,7 +379,7 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
     { "guidance", 'g', 0, G_OPTION_ARG_STRING, &o.guidance,
       "free (default with --class) or none", "KIND" },
     { "guidance-scale", 0, 0, G_OPTION_ARG_DOUBLE, &o.scale,
-      "Guidance scale (default 3)", "S" },
+      "Guidance scale, with --class (default 3)", "S" },
     OPT_THREADS (&o),
     { "out", 'o', 0, G_OPTION_ARG_FILENAME, &o.out,
       "Output folder (default out)", "DIR" },
@@ -335,6 +405,7 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
                   interpolate ? interp_entries : gen_entries,
                   &argc, &argv, &error))
     goto out;
+  gen_options_defaults (&o);
 
   /* Options first, then the model. */
   if (!check_sampling_options (&o, &p, &error))
@@ -532,14 +603,14 @@ int
 cli_schedule (int argc, char **argv)
 {
   char *model_path = NULL, *kind_name = NULL, *spacing_name = NULL;
-  int T = 1000, steps = 50;
+  int T = CLI_INT_UNSET, steps = 50;
   GOptionEntry entries[] = {
     { "model", 'm', 0, G_OPTION_ARG_FILENAME, &model_path,
       "Take the schedule from this model", "PATH" },
     { "beta-schedule", 0, 0, G_OPTION_ARG_STRING, &kind_name,
       "linear (default), scaled_linear or cosine", "NAME" },
     { "timesteps", 'T', 0, G_OPTION_ARG_INT, &T,
-      "Training timesteps T (default 1000)", "T" },
+      "Training timesteps T, without --model (default 1000)", "T" },
     { "steps", 's', 0, G_OPTION_ARG_INT, &steps,
       "Sampling steps, 1 to T (default 50)", "N" },
     { "spacing", 0, 0, G_OPTION_ARG_STRING, &spacing_name,
@@ -579,6 +650,15 @@ cli_schedule (int argc, char **argv)
                    "schedule: give --model or --beta-schedule, not both");
       goto out;
     }
+  if (model_path && T != CLI_INT_UNSET)
+    {
+      g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "schedule: give --model or --timesteps, not both (the "
+                   "model's schedule has its own T)");
+      goto out;
+    }
+  if (T == CLI_INT_UNSET)
+    T = 1000;
   if (T < 1)
     {
       g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
@@ -686,6 +766,8 @@ cli_eps (int argc, char **argv)
                    DF_MAX_THREADS);
       goto out;
     }
+  if (!cli_check_output_file ("--output", output, &error))
+    goto out;
   x = cli_npy_read (input, shape, &error);    /* [N,C,H,W] */
   if (x == NULL)
     goto out;
@@ -752,6 +834,11 @@ cli_eps (int argc, char **argv)
   ok = g_file_set_contents_full (output, g_bytes_get_data (bytes, NULL),
                                  g_bytes_get_size (bytes),
                                  G_FILE_SET_CONTENTS_CONSISTENT, 0644, &error);
+  if (!ok)
+    {
+      cli_error_restore_path (error, output);
+      g_prefix_error (&error, "eps: ");
+    }
 
 out:
   if (bytes)
@@ -787,14 +874,14 @@ static const Command commands[] = {
 };
 
 static void
-print_commands (void)
+print_commands (FILE *f)
 {
-  printf ("Usage: diffuse COMMAND [OPTION...]\n\n"
-          "Denoising diffusion models: sampling, training, evaluation.\n\n"
-          "Commands:\n");
+  fprintf (f, "Usage: diffuse COMMAND [OPTION...]\n\n"
+           "Denoising diffusion models: sampling, training, evaluation.\n\n"
+           "Commands:\n");
   for (gsize i = 0; i < G_N_ELEMENTS (commands); i++)
-    printf ("  %-12s %s\n", commands[i].name, commands[i].what);
-  printf ("\nRun 'diffuse COMMAND --help' for a command's options.\n");
+    fprintf (f, "  %-12s %s\n", commands[i].name, commands[i].what);
+  fprintf (f, "\nRun 'diffuse COMMAND --help' for a command's options.\n");
 }
 
 int
@@ -808,7 +895,13 @@ main (int argc, char **argv)
   /* Before any thread starts, so every thread inherits the signal mask. */
   cli_cancellable ();
 
-  if (argc < 2 || strcmp (argv[1], "--help") == 0
+  /* No command is a mistake (status 1); asking for help is not. */
+  if (argc < 2)
+    {
+      print_commands (stderr);
+      return 1;
+    }
+  if (strcmp (argv[1], "--help") == 0
       || strcmp (argv[1], "-h") == 0 || strcmp (argv[1], "help") == 0)
     {
       if (argc >= 3 && strcmp (argv[1], "help") == 0)
@@ -818,10 +911,10 @@ main (int argc, char **argv)
           for (gsize i = 0; i < G_N_ELEMENTS (commands); i++)
             if (strcmp (commands[i].name, argv[2]) == 0)
               return commands[i].run (2, args);
-          return cli_failf ("unknown command '%s' (run diffuse for the list)",
-                            argv[2]);
+          return cli_failf ("unknown command '%s' (run diffuse --help for "
+                            "the list)", argv[2]);
         }
-      print_commands ();
+      print_commands (stdout);
       return 0;
     }
   if (strcmp (argv[1], "--version") == 0)
@@ -834,5 +927,6 @@ main (int argc, char **argv)
   for (gsize i = 0; i < G_N_ELEMENTS (commands); i++)
     if (strcmp (commands[i].name, name) == 0)
       return commands[i].run (argc - 1, argv + 1);
-  return cli_failf ("unknown command '%s' (run diffuse for the list)", name);
+  return cli_failf ("unknown command '%s' (run diffuse --help for the list)",
+                    name);
 }

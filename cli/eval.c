@@ -4,12 +4,16 @@
  * Accuracy: the classifier's argmax against the class asked for.  Frechet
  * distance: Gaussian fits of the classifier's penultimate features of the
  * samples and of the test set; the same distance between 10,000 training
- * images and the test set is the floor a perfect model would reach.
+ * images and the test set is the floor a perfect model would reach.  The
+ * floor means something only if the test images are not the training
+ * images: an IDX folder has both splits, a folder of class folders has one,
+ * so it needs --test-data.
  */
 #include "cli.h"
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "dataset.h"
@@ -41,23 +45,84 @@ feature_stats (DfFeatures *feat, const float *x, int n, gsize image,
   return ok;
 }
 
+/* Where the training and the test images come from, before anything is
+ * loaded: a folder of class folders is one set of images, so the test set
+ * must be another. */
+static gboolean
+check_data (const char *data_dir, const char *test_dir, GError **error)
+{
+  gboolean idx;
+
+  if (!g_file_test (data_dir, G_FILE_TEST_IS_DIR))
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_IO, "--data %s: no such folder",
+                   data_dir);
+      return FALSE;
+    }
+  if (test_dir && !g_file_test (test_dir, G_FILE_TEST_IS_DIR))
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_IO,
+                   "--test-data %s: no such folder", test_dir);
+      return FALSE;
+    }
+  idx = cli_is_idx_folder (data_dir, "train");
+  if (test_dir == NULL && !idx)
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "eval: --data %s is a folder of images, the training set "
+                   "only: give images the model did not train on with "
+                   "--test-data DIR (the floor compares the two sets)",
+                   data_dir);
+      return FALSE;
+    }
+  if (test_dir == NULL && !cli_is_idx_folder (data_dir, "t10k"))
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "eval: --data %s has no t10k-images-idx3-ubyte[.gz] (the "
+                   "test split): give the test images with --test-data DIR",
+                   data_dir);
+      return FALSE;
+    }
+  if (test_dir && !cli_is_idx_folder (test_dir, "t10k"))
+    {
+      /* Then df_dataset_load reads every image of test_dir. */
+      char *a = realpath (data_dir, NULL), *b = realpath (test_dir, NULL);
+      gboolean same = a && b && strcmp (a, b) == 0;
+
+      free (a);
+      free (b);
+      if (same)
+        {
+          g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                       "eval: --test-data %s is the --data folder: give test "
+                       "images the model did not train on", test_dir);
+          return FALSE;
+        }
+    }
+  return TRUE;
+}
+
 int
 cli_eval (int argc, char **argv)
 {
   char *model_path = NULL, *classifier_path = NULL, *data_dir = NULL;
-  char *seed_str = NULL;
-  int count = 1000, steps = 50, batch = 25, threads = 0, n_train = 10000;
-  int n_test = 0;
+  char *test_dir = NULL, *seed_str = NULL;
+  int count = 1000, steps = 50, batch = 25, threads = 0;
+  int n_train = CLI_INT_UNSET, n_test = 0;
   double scale = 3.0;
-  gboolean quiet = FALSE;
+  gboolean quiet = FALSE, same_n = FALSE;
   GOptionEntry entries[] = {
     { "model", 'm', 0, G_OPTION_ARG_FILENAME, &model_path,
       "Class-conditional UNet (default: the shipped one)", "PATH" },
     { "classifier", 0, 0, G_OPTION_ARG_FILENAME, &classifier_path,
       "Noisy classifier (default: the shipped one)", "PATH" },
     { "data", 'd', 0, G_OPTION_ARG_FILENAME, &data_dir,
-      "Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)",
-      "DIR" },
+      "Training images: an IDX folder, whose t10k files are the test set "
+      "(default /usr/share/datasets/fashion-mnist), or a folder of class "
+      "folders (then give --test-data)", "DIR" },
+    { "test-data", 0, 0, G_OPTION_ARG_FILENAME, &test_dir,
+      "Test images: a folder of class folders or an IDX folder's t10k files "
+      "(default: --data's t10k files)", "DIR" },
     { "count", 'n', 0, G_OPTION_ARG_INT, &count,
       "Samples, spread evenly over the classes (default 1000)", "N" },
     { "steps", 's', 0, G_OPTION_ARG_INT, &steps,
@@ -69,7 +134,7 @@ cli_eval (int argc, char **argv)
     { "batch", 'b', 0, G_OPTION_ARG_INT, &batch,
       "Samples per forward pass (default 25)", "N" },
     { "train-count", 0, 0, G_OPTION_ARG_INT, &n_train,
-      "Training images for the floor (default 10000)", "N" },
+      "Training images for the floor (default 10000, or all if fewer)", "N" },
     { "test-count", 0, 0, G_OPTION_ARG_INT, &n_test,
       "Test images compared against (default 0: all)", "N" },
     { "threads", 'j', 0, G_OPTION_ARG_INT, &threads,
@@ -86,7 +151,7 @@ cli_eval (int argc, char **argv)
   float *samples = NULL, *logits = NULL;
   int *correct = NULL, *asked = NULL;
   double *mu_s = NULL, *cov_s = NULL, *mu_t = NULL, *cov_t = NULL;
-  double *mu_r = NULL, *cov_r = NULL;
+  double *mu_r = NULL, *cov_r = NULL, *mu_c = NULL, *cov_c = NULL;
   guint64 seed = 0;
   gboolean ok = FALSE;
   int k, c, s, d, hits = 0;
@@ -99,7 +164,8 @@ cli_eval (int argc, char **argv)
     goto out;
 
   /* Options, then models, then data. */
-  if (count < 2 || steps < 1 || batch < 1 || n_train < 2 || threads < 0
+  if (count < 2 || steps < 1 || batch < 1
+      || (n_train != CLI_INT_UNSET && n_train < 2) || threads < 0
       || threads > DF_MAX_THREADS
       || n_test < 0 || n_test == 1
       || !isfinite (scale))
@@ -108,7 +174,8 @@ cli_eval (int argc, char **argv)
                    count < 2 ? "--count: give at least 2 samples"
                    : steps < 1 ? "--steps: give at least 1"
                    : batch < 1 ? "--batch: give at least 1"
-                   : n_train < 2 ? "--train-count: give at least 2"
+                   : n_train != CLI_INT_UNSET && n_train < 2
+                   ? "--train-count: give at least 2"
                    : threads < 0 || threads > DF_MAX_THREADS
                    ? "--threads: give 0 (all cores) to " G_STRINGIFY (DF_MAX_THREADS)
                    : n_test < 0 || n_test == 1
@@ -117,6 +184,10 @@ cli_eval (int argc, char **argv)
       goto out;
     }
   if (seed_str && !cli_parse_u64 ("--seed", seed_str, &seed, &error))
+    goto out;
+  if (data_dir == NULL)
+    data_dir = g_strdup ("/usr/share/datasets/fashion-mnist");
+  if (!check_data (data_dir, test_dir, &error))
     goto out;
 
   df_set_threads (threads);
@@ -158,16 +229,45 @@ cli_eval (int argc, char **argv)
     goto out;
   d = df_features_dim (feat);
 
-  if (data_dir == NULL)
-    data_dir = g_strdup ("/usr/share/datasets/fashion-mnist");
-  test = df_dataset_load (data_dir, "test", s, c, &error);
+  test = df_dataset_load (test_dir ? test_dir : data_dir, "test", s, c,
+                          &error);
   if (test == NULL)
     goto out;
   train = df_dataset_load (data_dir, "train", s, c, &error);
   if (train == NULL)
     goto out;
-  n_train = MIN (n_train, train->n);
-  n_test = n_test > 0 ? MIN (n_test, test->n) : test->n;
+
+  /* A count above what the data holds is a mistake, not a wish for all. */
+  if (n_train != CLI_INT_UNSET && n_train > train->n)
+    {
+      g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--train-count %d: %s holds %d training images; give 2 "
+                   "to %d", n_train, data_dir, train->n, train->n);
+      goto out;
+    }
+  if (n_test > test->n)
+    {
+      g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--test-count %d: %s holds %d test images; give 2 to %d, "
+                   "or 0 for all", n_test, test_dir ? test_dir : data_dir,
+                   test->n, test->n);
+      goto out;
+    }
+  if (train->n < 2 || test->n < 2)
+    {
+      g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "eval: %s holds %d %s image%s: the Frechet distance needs "
+                   "at least 2", train->n < 2 ? data_dir
+                   : test_dir ? test_dir : data_dir,
+                   train->n < 2 ? train->n : test->n,
+                   train->n < 2 ? "training" : "test",
+                   (train->n < 2 ? train->n : test->n) == 1 ? "" : "s");
+      goto out;
+    }
+  if (n_train == CLI_INT_UNSET)
+    n_train = MIN (10000, train->n);
+  if (n_test == 0)
+    n_test = test->n;
 
   /* Samples: class j gets count / k, the first count % k one more. */
   samples = g_new (float, (gsize) count * image);   /* [count,C,H,W] */
@@ -225,23 +325,32 @@ cli_eval (int argc, char **argv)
         }
     }
 
-  /* Frechet distances in the penultimate features. */
+  /* Frechet distances in the penultimate features; with fewer samples
+   * than floor images, also the floor at the sample count. */
+  same_n = count < n_train;
   mu_s = g_new (double, d);
   mu_t = g_new (double, d);
   mu_r = g_new (double, d);
   cov_s = g_new (double, (gsize) d * d);
   cov_t = g_new (double, (gsize) d * d);
   cov_r = g_new (double, (gsize) d * d);
+  mu_c = g_new (double, d);
+  cov_c = g_new (double, (gsize) d * d);
   cli_progress_init (&progress, "eval: features",
                      (count + EVAL_CHUNK - 1) / EVAL_CHUNK
                      + (n_test + EVAL_CHUNK - 1) / EVAL_CHUNK
-                     + (n_train + EVAL_CHUNK - 1) / EVAL_CHUNK, quiet);
+                     + (n_train + EVAL_CHUNK - 1) / EVAL_CHUNK
+                     + (same_n ? (count + EVAL_CHUNK - 1) / EVAL_CHUNK : 0),
+                     quiet);
   ok = feature_stats (feat, samples, count, image, mu_s, cov_s, &progress,
                       &error)
     && feature_stats (feat, test->images, n_test, image, mu_t, cov_t,
                       &progress, &error)
     && feature_stats (feat, train->images, n_train, image, mu_r, cov_r,
-                      &progress, &error);
+                      &progress, &error)
+    && (!same_n
+        || feature_stats (feat, train->images, count, image, mu_c, cov_c,
+                          &progress, &error));
   cli_progress_finish (&progress);
   if (!ok)
     goto out;
@@ -267,6 +376,19 @@ cli_eval (int argc, char **argv)
     printf ("frechet floor: %.6g (%d training images vs the test images)\n",
             floor_fd, n_train);
     printf ("ratio: %.2f x the floor\n", floor_fd > 0 ? fd / floor_fd : INFINITY);
+    if (same_n)
+      {
+        double same_fd = df_frechet_distance (mu_c, cov_c, mu_t, cov_t, d);
+
+        /* Fewer images fit a noisier Gaussian, so the distance of a
+         * perfect model's `count` samples is this, not the floor above. */
+        printf ("frechet floor at the sample count: %.6g (%d training images "
+                "vs the test images%s)\n", same_fd, count,
+                count <= d ? "; no more images than features, so both "
+                "covariances are singular and the distances rough" : "");
+        printf ("ratio at the sample count: %.2f x\n",
+                same_fd > 0 ? fd / same_fd : INFINITY);
+      }
   }
 
 out:
@@ -276,6 +398,8 @@ out:
   g_free (cov_s);
   g_free (cov_t);
   g_free (cov_r);
+  g_free (mu_c);
+  g_free (cov_c);
   g_free (correct);
   g_free (logits);
   g_free (asked);
@@ -292,6 +416,7 @@ out:
   g_free (model_path);
   g_free (classifier_path);
   g_free (data_dir);
+  g_free (test_dir);
   g_free (seed_str);
   return ok ? 0 : cli_fail (error);
 }

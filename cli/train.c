@@ -10,6 +10,8 @@
 
 #include "train.h"
 
+/* The int options start at CLI_INT_UNSET: 0 is an error when given, not a
+ * request for the default. */
 typedef struct {
   char     *data, *task, *config, *channels, *attention, *beta_schedule;
   char     *lr_schedule, *seed, *checkpoint, *log, *plot, *out;
@@ -18,22 +20,7 @@ typedef struct {
   gboolean  quiet;
 } TrainArgs;
 
-static gboolean
-is_idx_folder (const char *dir)
-{
-  const char *names[] = { "train-images-idx3-ubyte",
-                          "train-images-idx3-ubyte.gz" };
-
-  for (gsize i = 0; i < G_N_ELEMENTS (names); i++)
-    {
-      char *p = g_build_filename (dir, names[i], NULL);
-      gboolean found = g_file_test (p, G_FILE_TEST_IS_REGULAR);
-      g_free (p);
-      if (found)
-        return TRUE;
-    }
-  return FALSE;
-}
+#define GIVEN(v) ((v) != CLI_INT_UNSET)
 
 /* The network: from a diffusers config file, or from the short options. */
 static gboolean
@@ -48,7 +35,8 @@ build_config (const TrainArgs *a, int channels, DfUNetConfig *cfg,
       JsonNode *root;
       gboolean ok;
 
-      if (a->channels || a->attention || a->layers || a->groups || a->head_dim)
+      if (a->channels || a->attention || GIVEN (a->layers)
+          || GIVEN (a->groups) || GIVEN (a->head_dim))
         {
           g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
                        "train: give --config or the network options "
@@ -97,6 +85,16 @@ build_config (const TrainArgs *a, int channels, DfUNetConfig *cfg,
       else if (!cli_parse_int_list ("--attention", a->attention, att,
                                     DF_MAX_BLOCKS, &n_att, error))
         return FALSE;
+      for (int i = 0; i < n_att; i++)
+        if (att[i] != 0 && att[i] != 1)
+          {
+            /* A flag per block (attention or not), not a head count. */
+            g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                         "--attention %s: %d is not 0 or 1; give one 0 (no "
+                         "attention) or 1 (attention) per block",
+                         a->attention, att[i]);
+            return FALSE;
+          }
       if (n_att != n)
         {
           g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
@@ -110,14 +108,14 @@ build_config (const TrainArgs *a, int channels, DfUNetConfig *cfg,
           cfg->down_attention[i] = att[i] != 0;
           cfg->up_attention[n - 1 - i] = att[i] != 0;
         }
-      cfg->layers_per_block = a->layers > 0 ? a->layers : 1;
-      cfg->norm_num_groups = a->groups > 0 ? a->groups : 8;
-      if (a->head_dim > 0)
+      cfg->layers_per_block = GIVEN (a->layers) ? a->layers : 1;
+      cfg->norm_num_groups = GIVEN (a->groups) ? a->groups : 8;
+      if (GIVEN (a->head_dim))
         cfg->attention_head_dim = a->head_dim;
       cfg->sample_size = 28;
     }
 
-  if (a->size > 0)
+  if (GIVEN (a->size))
     cfg->sample_size = a->size;
   if (channels > 0)
     cfg->in_channels = cfg->out_channels = channels;
@@ -139,10 +137,29 @@ train_progress (gpointer data, const DfTrainProgress *p)
   g_free (eta);
 }
 
+/* A size option given as 0 or less. */
+static gboolean
+check_positive (const char *option, int v, const char *fallback,
+                GError **error)
+{
+  if (!GIVEN (v) || v >= 1)
+    return TRUE;
+  g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+               "%s %d: give 1 or more (leave it out for %s)", option, v,
+               fallback);
+  return FALSE;
+}
+
 static gboolean
 check_options (const TrainArgs *a, const DfTrainOptions *o, GError **error)
 {
   const char *bad = NULL;
+
+  if (!check_positive ("--size", a->size, "28, or the --config's size", error)
+      || !check_positive ("--layers", a->layers, "1", error)
+      || !check_positive ("--groups", a->groups, "8", error)
+      || !check_positive ("--head-dim", a->head_dim, "diffusers' 8", error))
+    return FALSE;
 
   if (a->data == NULL)
     bad = "train: give the images with --data DIR (an IDX folder or a "
@@ -171,11 +188,9 @@ check_options (const TrainArgs *a, const DfTrainOptions *o, GError **error)
     bad = "--resume needs --checkpoint PATH";
   else if (a->threads < 0 || a->threads > DF_MAX_THREADS)
     bad = "--threads: give 0 (all cores) to " G_STRINGIFY (DF_MAX_THREADS);
-  else if (a->image_channels != 0 && a->image_channels != 1
+  else if (GIVEN (a->image_channels) && a->image_channels != 1
            && a->image_channels != 3)
     bad = "--image-channels: give 1 (gray) or 3 (RGB)";
-  else if (a->size < 0 || a->layers < 0 || a->groups < 0 || a->head_dim < 0)
-    bad = "--size, --layers, --groups and --head-dim must be positive";
   else if (a->timesteps < 1)
     bad = "--timesteps: give at least 1";
 
@@ -264,6 +279,8 @@ cli_train (int argc, char **argv)
 
   df_train_options_init (&o);
   a.timesteps = 1000;
+  a.layers = a.groups = a.size = a.image_channels = a.head_dim = CLI_INT_UNSET;
+  o.p_uncond = CLI_DOUBLE_UNSET;
   if (!cli_parse ("train", "", "Train a class-conditional UNet or a noisy "
                   "classifier; progress on stderr, EMA weights to --out.",
                   entries, &argc, &argv, &error))
@@ -273,8 +290,6 @@ cli_train (int argc, char **argv)
   o.checkpoint = a.checkpoint;
   o.log_csv = a.log;
   o.output = a.out;
-  if (!check_options (&a, &o, &error))
-    goto out;
   if (a.task == NULL || strcmp (a.task, "diffusion") == 0)
     classifier = FALSE;
   else if (strcmp (a.task, "classifier") == 0)
@@ -285,6 +300,18 @@ cli_train (int argc, char **argv)
                    "--task %s: give diffusion or classifier", a.task);
       goto out;
     }
+  if (o.p_uncond != CLI_DOUBLE_UNSET && classifier)
+    {
+      /* The classifier has no unconditional class to drop labels to. */
+      g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--p-uncond %g has no effect with --task classifier: drop "
+                   "--p-uncond", o.p_uncond);
+      goto out;
+    }
+  if (o.p_uncond == CLI_DOUBLE_UNSET)
+    o.p_uncond = 0.1;
+  if (!check_options (&a, &o, &error))
+    goto out;
   if (a.lr_schedule == NULL)
     ;
   else if (strcmp (a.lr_schedule, "constant") == 0)
@@ -318,11 +345,16 @@ cli_train (int argc, char **argv)
                    "--data %s: no such folder", a.data);
       goto out;
     }
+  if (!cli_check_output_file ("--out", a.out, &error)
+      || !cli_check_output_file ("--checkpoint", a.checkpoint, &error)
+      || !cli_check_output_file ("--log", a.log, &error)
+      || !cli_check_output_file ("--plot", a.plot, &error))
+    goto out;
 
   /* The network and schedule (the class count comes from the data). */
-  channels = a.image_channels;
+  channels = GIVEN (a.image_channels) ? a.image_channels : 0;
   if (channels == 0 && a.config == NULL)
-    channels = is_idx_folder (a.data) ? 1 : 3;
+    channels = cli_is_idx_folder (a.data, "train") ? 1 : 3;
   if (!build_config (&a, channels, &cfg, &error))
     goto out;
   sched = df_schedule_new (kind, a.timesteps, 0, 0, &error);
@@ -357,6 +389,16 @@ cli_train (int argc, char **argv)
   trainer = df_trainer_new (m, data, &o, &error);
   if (trainer == NULL || !df_trainer_resume (trainer, &resumed, &error))
     goto out;
+  if (resumed && df_trainer_step_index (trainer) >= o.steps)
+    {
+      /* Running would only write the same weights again. */
+      g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "train: %s: checkpoint is at step %d, --steps is %d: "
+                   "nothing to train (give --steps above %d to go on)",
+                   a.checkpoint, df_trainer_step_index (trainer), o.steps,
+                   df_trainer_step_index (trainer));
+      goto out;
+    }
   if (!a.quiet)
     {
       fprintf (stderr, "train: %s, %" G_GSIZE_FORMAT " parameters, %d images "
@@ -373,7 +415,30 @@ cli_train (int argc, char **argv)
                        &error);
   cli_progress_finish (&progress);
   if (!ok)
-    goto out;
+    {
+      /* Interrupted: the checkpoint and --out hold the steps done; draw
+       * the loss so far too, and say where it is. */
+      if (a.plot && g_error_matches (error, DF_TRAIN_ERROR,
+                                     DF_TRAIN_ERROR_CANCELLED))
+        {
+          GError *plot_error = NULL;
+
+          if (df_train_plot_loss (a.log, a.plot, &plot_error))
+            {
+              char *msg = g_strdup_printf ("%s (loss so far in %s)",
+                                           error->message, a.plot);
+
+              g_free (error->message);
+              error->message = msg;
+            }
+          else
+            {
+              g_clear_error (&error);
+              error = plot_error;
+            }
+        }
+      goto out;
+    }
 
   /* df_trainer_run wrote --out and the last checkpoint; the plot is ours. */
   if (a.plot && !df_train_plot_loss (a.log, a.plot, &error))
@@ -385,6 +450,14 @@ cli_train (int argc, char **argv)
           a.plot ? a.plot : "");
 
 out:
+  if (!ok && error != NULL)
+    {
+      /* The engine's write errors show GLib's temporary file names. */
+      cli_error_restore_path (error, a.out);
+      cli_error_restore_path (error, a.checkpoint);
+      cli_error_restore_path (error, a.log);
+      cli_error_restore_path (error, a.plot);
+    }
   if (trainer)
     df_trainer_free (trainer);
   if (m)

@@ -180,6 +180,121 @@ cli_parse_class (DfModel *m, const char *s, int *label, GError **error)
   return FALSE;
 }
 
+/* ---- files ---- */
+
+gboolean
+cli_is_idx_folder (const char *dir, const char *prefix)
+{
+  const char *suffixes[] = { "-images-idx3-ubyte", "-images-idx3-ubyte.gz" };
+
+  for (gsize i = 0; i < G_N_ELEMENTS (suffixes); i++)
+    {
+      char *name = g_strconcat (prefix, suffixes[i], NULL);
+      char *p = g_build_filename (dir, name, NULL);
+      gboolean found = g_file_test (p, G_FILE_TEST_IS_REGULAR);
+
+      g_free (p);
+      g_free (name);
+      if (found)
+        return TRUE;
+    }
+  return FALSE;
+}
+
+gboolean
+cli_check_output_file (const char *option, const char *path, GError **error)
+{
+  char *dir;
+  gboolean ok = TRUE;
+
+  if (path == NULL)
+    return TRUE;
+  if (path[0] == '\0')
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "%s \"\": give a file name", option);
+      return FALSE;
+    }
+  if (g_file_test (path, G_FILE_TEST_IS_DIR))
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "%s %s is a folder: give a file name", option, path);
+      return FALSE;
+    }
+  dir = g_path_get_dirname (path);
+  if (!g_file_test (dir, G_FILE_TEST_IS_DIR))
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_IO,
+                   "%s %s: there is no folder %s (create it first)", option,
+                   path, dir);
+      ok = FALSE;
+    }
+  g_free (dir);
+  return ok;
+}
+
+/* "XXXXXX”": the letters g_mkstemp put in place of XXXXXX, then the
+ * closing quote of GLib's messages. */
+static gboolean
+is_temp_suffix (const char *s)
+{
+  for (int i = 0; i < 6; i++)
+    if (!g_ascii_isalnum (s[i]))
+      return FALSE;
+  return g_str_has_prefix (s + 6, "\u201d");
+}
+
+void
+cli_error_restore_path (GError *error, const char *path)
+{
+  char *shown, *open, *twice, *once;
+  GString *msg;
+  const char *m, *hit;
+  gsize n;
+
+  if (error == NULL || path == NULL || path[0] == '\0')
+    return;
+
+  /* GLib quotes file names: "“PATH.XXXXXX”" becomes "“PATH”". */
+  shown = g_filename_display_name (path);
+  open = g_strdup_printf ("\u201c%s.", shown);
+  n = strlen (open);
+  msg = g_string_new (NULL);
+  for (m = error->message; (hit = strstr (m, open)) != NULL; )
+    {
+      const char *after = hit + n;
+
+      if (is_temp_suffix (after))
+        {
+          g_string_append_len (msg, m, after - 1 - m);
+          after += 6;
+        }
+      else
+        g_string_append_len (msg, m, after - m);
+      m = after;
+    }
+  g_string_append (msg, m);
+
+  /* A failed rename then reads "“PATH” to “PATH”". */
+  twice = g_strdup_printf ("\u201c%s\u201d to \u201c%s\u201d", shown, shown);
+  once = g_strdup_printf ("\u201c%s\u201d", shown);
+  hit = strstr (msg->str, twice);
+  if (hit != NULL)
+    {
+      gsize at = hit - msg->str;
+
+      g_string_erase (msg, at, strlen (twice));
+      g_string_insert (msg, at, once);
+    }
+
+  g_free (error->message);
+  error->message = g_string_free (msg, FALSE);
+  g_free (twice);
+  g_free (once);
+  g_free (open);
+  g_free (shown);
+}
+
 /* ---- weights ---- */
 
 char *

@@ -454,8 +454,14 @@ df_dataset_load_folder (const char *dir, int size, int channels,
           goto out;
         if (files->len == before)
           {
-            g_debug ("%s: no images, not a class", (char *) dirs->pdata[k]);
-            continue;
+            /* Skipping it would renumber the classes after it and leave a
+             * class the user asked for untrained. */
+            g_set_error (error, DF_DATASET_ERROR, DF_DATASET_ERROR_EMPTY,
+                         "%s: no PNG or JPEG images in this class folder "
+                         "(every subfolder of %s is a class): add its "
+                         "images or move it out", (char *) dirs->pdata[k],
+                         dir);
+            goto out;
           }
         g_ptr_array_add (names, g_path_get_basename (dirs->pdata[k]));
         for (guint i = before; i < files->len; i++)

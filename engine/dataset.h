@@ -29,7 +29,8 @@ typedef struct {
 
 /* path: an IDX folder (train-images-idx3-ubyte[.gz] and
  * train-labels-idx1-ubyte[.gz], or t10k-* with split "test"), or a class
- * folder.  Images are resized to size x size (bilinear) and converted to
+ * folder (every subfolder a class, none of them empty: an error names an
+ * empty one).  Images are resized to size x size (bilinear) and converted to
  * channels (1 gray or 3 RGB).  Fashion-MNIST folders get its class names. */
 DfDataset *df_dataset_load       (const char *path, const char *split,
                                   int size, int channels, GError **error);

@@ -6,8 +6,10 @@
 #include <gdk-pixbuf/gdk-pixbuf.h>
 #include <glib/gstdio.h>
 #include <math.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include "blas.h"
 #include "model.h"
@@ -19,6 +21,8 @@ static char *fixtures;      /* temporary folder of model files */
 static char *gray_model;    /* 1 x 8 x 8, circle/square/cross + uncond */
 static char *rgb_model;     /* 3 x 8 x 8, unconditional */
 static char *truncated_model, *misshaped_model, *missing_model;
+static char *nouncond_model;    /* 1 x 8 x 8, the 3 classes, no uncond */
+static char *gray_classifier;   /* 1 x 8 x 8 noisy classifier, 3 classes */
 static gsize gray_params;
 
 /* ---- running diffuse ---- */
@@ -162,8 +166,11 @@ assert_same_file (const char *dir_a, const char *dir_b, const char *name)
 
 /* ---- fixtures ---- */
 
+/* uncond: add the unconditional class (conditional models); classifier: a
+ * noisy classifier of the 3 classes instead of a UNet. */
 static char *
-write_model (const char *name, int channels, gboolean conditional)
+write_model_full (const char *name, int channels, gboolean conditional,
+                  gboolean uncond, gboolean classifier)
 {
   const char *names[] = { "circle", "square", "cross", NULL };
   char *path = g_build_filename (fixtures, name, NULL);
@@ -185,21 +192,29 @@ write_model (const char *name, int channels, gboolean conditional)
   cfg.layers_per_block = 1;
   cfg.norm_num_groups = 2;
   cfg.attention_head_dim = 4;
-  cfg.num_class_embeds = conditional ? 4 : 0;
+  cfg.num_class_embeds = classifier ? 0 : !conditional ? 0 : uncond ? 4 : 3;
+  cfg.classifier_classes = classifier ? 3 : 0;
 
   s = df_schedule_new (DF_BETA_LINEAR, 1000, 0, 0, &error);
   g_assert_no_error (error);
-  m = df_model_new (&cfg, FALSE, s, conditional ? names : NULL,
-                    conditional ? 3 : -1, &error);
+  m = df_model_new (&cfg, classifier, s,
+                    conditional || classifier ? names : NULL,
+                    conditional && uncond ? 3 : -1, &error);
   g_assert_no_error (error);
   df_unet_init (df_model_net (m), 1);
-  if (conditional)
+  if (conditional && uncond && !classifier)
     gray_params = df_unet_param_count (df_model_net (m));
   df_model_save (m, path, &error);
   g_assert_no_error (error);
   df_model_free (m);
   df_schedule_free (s);
   return path;
+}
+
+static char *
+write_model (const char *name, int channels, gboolean conditional)
+{
+  return write_model_full (name, channels, conditional, TRUE, FALSE);
 }
 
 /* The good file with conv_in.weight's shape changed (same byte count), so
@@ -294,11 +309,6 @@ test_usage (void)
     g_assert_nonnull (strstr (r.out, cmds[i]));
   run_clear (&r);
 
-  r = run_argv ((const char *const[]) { NULL });
-  assert_ok (&r);
-  g_assert_nonnull (strstr (r.out, "interpolate"));
-  run_clear (&r);
-
   for (gsize i = 0; i < G_N_ELEMENTS (cmds); i++)
     {
       r = RUN (cmds[i], "--help");
@@ -306,6 +316,21 @@ test_usage (void)
       g_assert_nonnull (strstr (r.out, "--"));
       run_clear (&r);
     }
+}
+
+/* No command is a mistake: the list goes to stderr with status 1 (it used
+ * to be status 0, as if something had run). */
+static void
+test_no_command (void)
+{
+  Run r = run_argv ((const char *const[]) { NULL });
+
+  g_test_message ("stderr: %s", r.err);
+  g_assert_cmpint (r.status, ==, 1);
+  g_assert_cmpstr (r.out, ==, "");
+  g_assert_true (g_str_has_prefix (r.err, "Usage: diffuse COMMAND"));
+  g_assert_nonnull (strstr (r.err, "interpolate"));
+  run_clear (&r);
 }
 
 /* ---- generate ---- */
@@ -776,6 +801,43 @@ static const BadCase bad_cases[] = {
                            "--class", "9" }, "out of range" },
   { "interpolate-misshaped", { "interpolate", "--model", "@misshaped",
                                "--seeds", "1,2" }, "conv_in" },
+
+  /* eta in the plug-in's range (the sampler clamped what lies above 1). */
+  { "eta-above-one", { "generate", "--model", "@gray", "--eta", "1.5" },
+    "--eta 1.5 is out of range: use 0..1" },
+
+  /* Options given where they would have no effect. */
+  { "eta-with-ddpm", { "generate", "--model", "@gray", "--sampler", "ddpm",
+                       "--eta", "0.5" },
+    "--eta 0.5 has no effect with --sampler ddpm" },
+  { "eta-zero-with-ddpm", { "generate", "--model", "@gray", "--sampler",
+                            "ddpm", "--eta", "0" },
+    "--eta 0 has no effect with --sampler ddpm" },
+  { "variance-with-ddim", { "generate", "--model", "@gray", "--variance",
+                            "fixed_large" },
+    "--variance fixed_large has no effect with --sampler ddim" },
+  { "variance-with-explicit-ddim", { "generate", "--model", "@gray",
+                                     "--sampler", "ddim", "--variance",
+                                     "fixed_small" },
+    "--variance fixed_small has no effect with --sampler ddim" },
+  { "guidance-scale-without-class", { "generate", "--model", "@gray",
+                                      "--guidance-scale", "2" },
+    "--guidance-scale 2 has no effect without --class" },
+  { "guidance-scale-with-guidance-none", { "generate", "--model", "@gray",
+                                           "--class", "1", "--guidance",
+                                           "none", "--guidance-scale", "2" },
+    "--guidance-scale 2 has no effect with --guidance none" },
+  { "guidance-scale-no-uncond-class", { "generate", "--model", "@nouncond",
+                                        "--class", "1", "--guidance-scale",
+                                        "2" },
+    "has no unconditional class, so --class 1 samples without guidance" },
+  { "classifier-without-classifier-guidance",
+    { "generate", "--model", "@gray", "--class", "1", "--classifier",
+      "@gray" }, "has no effect without --guidance classifier" },
+  { "interpolate-guidance-scale-without-class",
+    { "interpolate", "--model", "@gray", "--seeds", "1,2",
+      "--guidance-scale", "2" },
+    "--guidance-scale 2 has no effect without --class" },
 };
 
 static const char *
@@ -793,6 +855,8 @@ substitute (const char *arg)
     return truncated_model;
   if (strcmp (arg, "@misshaped") == 0)
     return misshaped_model;
+  if (strcmp (arg, "@nouncond") == 0)
+    return nouncond_model;
   g_assert_not_reached ();
 }
 
@@ -856,18 +920,20 @@ test_schedule_bad (void)
 
 /* ---- train and eval, on a tiny folder of class folders ---- */
 
+/* 3 class folders of per_class 8 x 8 RGB images; shift changes the
+ * pictures, so a test set differs from the training set. */
 static char *
-write_image_folder (void)
+write_image_folder_named (const char *name, int per_class, int shift)
 {
   const char *classes[] = { "dots", "stripes", "blank" };
-  char *root = new_dir ("images");
+  char *root = new_dir (name);
   GError *error = NULL;
 
   for (int c = 0; c < 3; c++)
     {
       char *sub = g_build_filename (root, classes[c], NULL);
       g_assert_cmpint (g_mkdir_with_parents (sub, 0755), ==, 0);
-      for (int k = 0; k < 4; k++)
+      for (int k = shift; k < shift + per_class; k++)
         {
           GdkPixbuf *pb = gdk_pixbuf_new (GDK_COLORSPACE_RGB, FALSE, 8, 8, 8);
           guint8 *px = gdk_pixbuf_get_pixels (pb);
@@ -892,10 +958,87 @@ write_image_folder (void)
   return root;
 }
 
+static char *
+write_image_folder (void)
+{
+  return write_image_folder_named ("images", 4, 0);
+}
+
+/* Ctrl-C during training: exit 1 saying so, with the checkpoint, the
+ * model and the loss plot of the steps done. */
+static void
+test_train_interrupted (void)
+{
+  char *data = write_image_folder ();
+  char *dir = new_dir ("interrupted");
+  char *unet = g_build_filename (dir, "unet.safetensors", NULL);
+  char *ckpt = g_build_filename (dir, "unet.ckpt", NULL);
+  char *csv = g_build_filename (dir, "loss.csv", NULL);
+  char *plot = g_build_filename (dir, "loss.png", NULL);
+  const char *argv[] = { diffuse, TRAIN1, "--data", data, "--size", "8",
+                         "--channels", "4,4", "--attention", "0,0",
+                         "--groups", "2", "--head-dim", "4", "--steps",
+                         "10000000", "--batch",
+                         "2", "--checkpoint", ckpt, "--checkpoint-minutes",
+                         "60", "--log", csv, "--plot", plot, "--out", unet,
+                         "--quiet", NULL };
+  GError *error = NULL;
+  GString *err = g_string_new (NULL);
+  char buf[4096], *text;
+  int err_fd, status, rows = 0, w, h, depth, ctype;
+  gssize got;
+  GPid pid;
+
+  if (!g_spawn_async_with_pipes (NULL, (char **) argv, NULL,
+                                 G_SPAWN_DO_NOT_REAP_CHILD, NULL, NULL, &pid,
+                                 NULL, NULL, &err_fd, &error))
+    g_error ("cannot run %s: %s", diffuse, error->message);
+
+  /* Wait for a few logged steps (at most a minute), then interrupt. */
+  for (int i = 0; i < 3000 && rows < 4; i++)
+    {
+      g_usleep (20000);
+      g_assert_cmpint (waitpid (pid, &status, WNOHANG), ==, 0);
+      if (g_file_get_contents (csv, &text, NULL, NULL))
+        {
+          rows = 0;
+          for (char *c = text; *c; c++)
+            rows += *c == '\n';
+          g_free (text);
+        }
+    }
+  g_assert_cmpint (rows, >=, 4);
+  g_assert_cmpint (kill (pid, SIGINT), ==, 0);
+  while ((got = read (err_fd, buf, sizeof buf)) > 0)
+    g_string_append_len (err, buf, got);
+  close (err_fd);
+  g_assert_cmpint (waitpid (pid, &status, 0), ==, pid);
+  g_spawn_close_pid (pid);
+  g_test_message ("%s", err->str);
+
+  g_assert_true (WIFEXITED (status));
+  g_assert_cmpint (WEXITSTATUS (status), ==, 1);
+  g_assert_nonnull (strstr (err->str, "training cancelled after step"));
+  g_assert_nonnull (strstr (err->str, "loss so far in"));
+  g_assert_true (g_file_test (ckpt, G_FILE_TEST_IS_REGULAR));
+  g_assert_true (g_file_test (unet, G_FILE_TEST_IS_REGULAR));
+  png_header (dir, "loss.png", &w, &h, &depth, &ctype);
+  g_assert_cmpint (w, >, 100);
+
+  g_string_free (err, TRUE);
+  g_free (data);
+  g_free (dir);
+  g_free (unet);
+  g_free (ckpt);
+  g_free (csv);
+  g_free (plot);
+}
+
 static void
 test_train_and_eval (void)
 {
   char *data = write_image_folder ();
+  char *test = write_image_folder_named ("images-test", 2, 4);
   char *dir = new_dir ("train");
   char *unet = g_build_filename (dir, "unet.safetensors", NULL);
   char *cls = g_build_filename (dir, "cls.safetensors", NULL);
@@ -949,16 +1092,30 @@ test_train_and_eval (void)
   df_model_free (m);
 
   r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,
-           "--count", "6", "--steps", "3", "--train-count", "12", "--quiet");
+           "--test-data", test, "--count", "6", "--steps", "3",
+           "--train-count", "12", "--quiet");
   assert_ok (&r);
   g_test_message ("%s", r.out);
   g_assert_nonnull (strstr (r.out, "accuracy: "));
   g_assert_nonnull (strstr (r.out, "of 6 asked classes"));
   g_assert_nonnull (strstr (r.out, "frechet distance: "));
   g_assert_nonnull (strstr (r.out, "frechet floor: "));
+  g_assert_nonnull (strstr (r.out, "(12 training images vs"));
+  /* 6 samples against 12 floor images: the floor at 6 images too */
+  g_assert_nonnull (strstr (r.out, "frechet floor at the sample count: "));
+  g_assert_nonnull (strstr (r.out, "(6 training images vs"));
+  run_clear (&r);
+
+  r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,
+           "--test-data", test, "--count", "6", "--steps", "3",
+           "--train-count", "6", "--quiet");
+  assert_ok (&r);
+  g_assert_nonnull (strstr (r.out, "(6 training images vs"));
+  g_assert_null (strstr (r.out, "at the sample count"));
   run_clear (&r);
 
   g_free (data);
+  g_free (test);
   g_free (dir);
   g_free (unet);
   g_free (cls);
@@ -995,6 +1152,572 @@ test_train_bad (void)
   g_free (dir);
 }
 
+
+/* ---- explicit options that do something keep working ---- */
+
+static void
+test_generate_explicit_options (void)
+{
+  const char *cases[][10] = {
+    { "--sampler", "ddpm", "--variance", "fixed_large" },
+    { "--sampler", "ddpm", "--variance", "fixed_small" },
+    { "--sampler", "ddim", "--eta", "1" },
+    { "--eta", "0" },
+    { "--class", "1", "--guidance-scale", "2" },
+    { "--class", "1", "--guidance", "free", "--guidance-scale", "0" },
+    { "--class", "1", "--guidance", "none" },
+    { "--class", "2", "--guidance", "classifier", "--classifier", "@cls",
+      "--guidance-scale", "2" },
+  };
+
+  for (gsize i = 0; i < G_N_ELEMENTS (cases); i++)
+    {
+      char *dir = new_dir ("explicit");
+      const char *args[24] = { GENERATE1, "--model", gray_model, "--count",
+                               "1", "--steps", "2", "--quiet", "--out", dir };
+      int n = 12;
+      Run r;
+
+      for (int k = 0; cases[i][k]; k++)
+        args[n++] = strcmp (cases[i][k], "@cls") == 0 ? gray_classifier
+                                                       : cases[i][k];
+      args[n] = NULL;
+      r = run_argv (args);
+      assert_ok (&r);
+      g_assert_cmpint (count_entries (dir), ==, 2);
+      run_clear (&r);
+      g_free (dir);
+    }
+
+  /* Without --guidance-scale a model without an unconditional class
+   * samples its class unguided, as before. */
+  {
+    char *dir = new_dir ("explicit");
+    Run r = RUN (GENERATE1, "--model", nouncond_model, "--class", "1",
+                 "--count", "1", "--steps", "2", "--quiet", "--out", dir);
+
+    assert_ok (&r);
+    run_clear (&r);
+    g_free (dir);
+  }
+}
+
+/* The leak was GOption dropping the default --out (and --seed) string when
+ * the option was given: 4 bytes a run. */
+static void
+test_generate_no_leak (void)
+{
+  char *valgrind = g_find_program_in_path ("valgrind");
+  char *dir = new_dir ("leak");
+  const char *argv[] = { NULL, "--leak-check=full",
+                         "--errors-for-leak-kinds=definite",
+                         "--error-exitcode=99", "-q", diffuse, GENERATE1,
+                         "--model", gray_model, "--count", "1", "--steps",
+                         "1", "--seed", "5", "--out", dir, "--quiet", NULL };
+  char *out = NULL, *err = NULL;
+  GError *error = NULL;
+  int wait;
+
+  if (valgrind == NULL)
+    {
+      g_test_skip ("no valgrind");
+      g_free (dir);
+      return;
+    }
+  argv[0] = valgrind;
+  if (!g_spawn_sync (NULL, (char **) argv, NULL, G_SPAWN_DEFAULT, NULL, NULL,
+                     &out, &err, &wait, &error))
+    g_error ("cannot run %s: %s", valgrind, error->message);
+  g_test_message ("valgrind: %s", err);
+  g_assert_true (WIFEXITED (wait));
+  g_assert_cmpint (WEXITSTATUS (wait), ==, 0);
+  g_assert_null (strstr (err, "definitely lost"));
+  g_assert_cmpint (count_entries (dir), ==, 2);
+  g_free (out);
+  g_free (err);
+  g_free (dir);
+  g_free (valgrind);
+}
+
+/* ---- schedule ---- */
+
+/* The model's schedule has its own T: -T beside --model did nothing. */
+static void
+test_schedule_timesteps_with_model (void)
+{
+  Run r = RUN ("schedule", "--model", gray_model, "--timesteps", "500");
+
+  assert_one_line_error (&r, "give --model or --timesteps, not both");
+  g_assert_cmpstr (r.out, ==, "");
+  run_clear (&r);
+  r = RUN ("schedule", "-m", gray_model, "-T", "1000", "--steps", "3");
+  assert_one_line_error (&r, "give --model or --timesteps, not both");
+  run_clear (&r);
+
+  /* Each alone still works. */
+  r = RUN ("schedule", "-T", "500", "--steps", "3");
+  assert_ok (&r);
+  g_assert_nonnull (strstr (r.out, "T 500, 3 steps"));
+  run_clear (&r);
+  r = RUN ("schedule", "-m", gray_model, "--steps", "3");
+  assert_ok (&r);
+  g_assert_nonnull (strstr (r.out, "T 1000, 3 steps"));
+  run_clear (&r);
+}
+
+/* ---- files named as the user gave them ---- */
+
+/* A one-line error that names path itself, not GLib's temporary
+ * "path.XXXXXX". */
+static void
+assert_names_file (const Run *r, const char *path)
+{
+  char *temp = g_strconcat (path, ".", NULL);
+
+  assert_one_line_error (r, path);
+  g_assert_null (strstr (r->err, temp));
+  g_free (temp);
+}
+
+/* 250 letters: a legal name whose temporary name (7 more) is too long, so
+ * the write fails at the end however the folder is checked. */
+static char *
+long_name (const char *dir)
+{
+  char base[251];
+
+  memset (base, 'w', 250);
+  base[250] = '\0';
+  return g_build_filename (dir, base, NULL);
+}
+
+static char *
+write_zero_npy (const char *dir)
+{
+  char *in = g_build_filename (dir, "x.npy", NULL);
+  float x[64] = { 0 };
+
+  write_npy (in, "{'descr': '<f4', 'fortran_order': False, "
+             "'shape': (1, 1, 8, 8), }", x, 64, 1);
+  return in;
+}
+
+static void
+test_eps_output_names_the_file (void)
+{
+  char *dir = new_dir ("eps-write");
+  char *in = write_zero_npy (dir);
+  char *missing = g_build_filename (dir, "no-such-folder", "eps.npy", NULL);
+  char *folder = g_build_filename (dir, "a-folder", NULL);
+  char *toolong = long_name (dir);
+  Run r;
+
+  g_assert_cmpint (g_mkdir (folder, 0755), ==, 0);
+  r = RUN ("eps", "--model", gray_model, "--input", in, "--t", "10",
+           "--output", missing);
+  assert_names_file (&r, missing);
+  g_assert_nonnull (strstr (r.err, "no folder"));
+  run_clear (&r);
+
+  r = RUN ("eps", "--model", gray_model, "--input", in, "--t", "10",
+           "--output", folder);
+  assert_names_file (&r, folder);
+  g_assert_nonnull (strstr (r.err, "is a folder"));
+  run_clear (&r);
+
+  r = RUN ("eps", "--model", gray_model, "--input", in, "--t", "10",
+           "--output", toolong);
+  assert_names_file (&r, toolong);
+  run_clear (&r);
+
+  /* x.npy and the folder, nothing else. */
+  g_assert_cmpint (count_entries (dir), ==, 2);
+  g_free (in);
+  g_free (missing);
+  g_free (folder);
+  g_free (toolong);
+  g_free (dir);
+}
+
+/* ---- train: bad input ---- */
+
+#define TINY_NET "--size", "8", "--channels", "4,4", "--attention", "0,1", \
+                 "--groups", "2", "--head-dim", "4", "--batch", "2"
+
+static void
+test_train_write_error_names_the_file (void)
+{
+  char *data = write_image_folder ();
+  char *dir = new_dir ("train-write");
+  char *toolong = long_name (dir);
+  Run r = RUN (TRAIN1, "--data", data, TINY_NET, "--steps", "1", "--out",
+               toolong, "--quiet");
+
+  assert_names_file (&r, toolong);
+  g_assert_cmpint (count_entries (dir), ==, 0);
+  run_clear (&r);
+  g_free (toolong);
+  g_free (data);
+  g_free (dir);
+}
+
+/* Every file train writes is checked before any training: a --plot into a
+ * missing folder once failed after the run, with --out already written. */
+static void
+test_train_output_checked_first (void)
+{
+  char *data = write_image_folder ();
+  char *dir = new_dir ("train-files");
+  char *out = g_build_filename (dir, "w.safetensors", NULL);
+  char *csv = g_build_filename (dir, "loss.csv", NULL);
+  char *plot = g_build_filename (dir, "no-such-folder", "loss.png", NULL);
+  char *ckpt = g_build_filename (dir, "no-such-folder", "w.ckpt", NULL);
+  Run r;
+
+  r = RUN (TRAIN1, "--data", data, TINY_NET, "--steps", "2", "--log", csv,
+           "--plot", plot, "--out", out, "--quiet");
+  assert_names_file (&r, plot);
+  g_assert_true (g_str_has_prefix (r.err, "diffuse: --plot "));
+  run_clear (&r);
+  r = RUN (TRAIN1, "--data", data, TINY_NET, "--steps", "2", "--checkpoint",
+           ckpt, "--out", out, "--quiet");
+  assert_names_file (&r, ckpt);
+  g_assert_true (g_str_has_prefix (r.err, "diffuse: --checkpoint "));
+  run_clear (&r);
+  r = RUN (TRAIN1, "--data", data, TINY_NET, "--steps", "2", "--out", dir,
+           "--quiet");
+  assert_one_line_error (&r, "is a folder: give a file name");
+  run_clear (&r);
+  g_assert_cmpint (count_entries (dir), ==, 0);
+  g_free (data);
+  g_free (dir);
+  g_free (out);
+  g_free (csv);
+  g_free (plot);
+  g_free (ckpt);
+}
+
+/* 0 used to mean "the default" for these; a negative is as wrong. */
+static void
+test_train_sizes_positive (void)
+{
+  const char *cases[][3] = {
+    { "--size", "0", "--size 0: give 1 or more" },
+    { "--size", "-8", "--size -8: give 1 or more" },
+    { "--layers", "0", "--layers 0: give 1 or more" },
+    { "--layers", "-1", "--layers -1: give 1 or more" },
+    { "--head-dim", "0", "--head-dim 0: give 1 or more" },
+    { "--groups", "0", "--groups 0: give 1 or more" },
+    { "--image-channels", "0", "--image-channels: give 1 (gray) or 3" },
+  };
+  char *data = write_image_folder ();
+  char *dir = new_dir ("train-sizes");
+  char *out = g_build_filename (dir, "w.safetensors", NULL);
+
+  for (gsize i = 0; i < G_N_ELEMENTS (cases); i++)
+    {
+      Run r = RUN (TRAIN1, "--data", data, "--steps", "1", cases[i][0],
+                   cases[i][1], "--out", out, "--quiet");
+
+      assert_one_line_error (&r, cases[i][2]);
+      run_clear (&r);
+    }
+  g_assert_cmpint (count_entries (dir), ==, 0);
+  g_free (out);
+  g_free (data);
+  g_free (dir);
+}
+
+/* --attention is a flag per block; 2 used to count as 1. */
+static void
+test_train_attention_flags (void)
+{
+  char *data = write_image_folder ();
+  char *dir = new_dir ("train-attention");
+  char *out = g_build_filename (dir, "w.safetensors", NULL);
+  Run r = RUN (TRAIN1, "--data", data, "--size", "8", "--channels", "4,4",
+               "--attention", "0,2", "--groups", "2", "--head-dim", "4",
+               "--batch", "2", "--steps", "1", "--out", out, "--quiet");
+
+  assert_one_line_error (&r, "--attention 0,2: 2 is not 0 or 1");
+  run_clear (&r);
+
+  /* Alone, with the default 3 blocks: the value is what is wrong. */
+  r = RUN (TRAIN1, "--data", data, "--attention", "2", "--steps", "1",
+           "--out", out, "--quiet");
+  assert_one_line_error (&r, "--attention 2: 2 is not 0 or 1");
+  run_clear (&r);
+  g_assert_cmpint (count_entries (dir), ==, 0);
+  g_free (out);
+  g_free (data);
+  g_free (dir);
+}
+
+static void
+test_train_p_uncond_classifier (void)
+{
+  char *data = write_image_folder ();
+  char *dir = new_dir ("train-p-uncond");
+  char *out = g_build_filename (dir, "w.safetensors", NULL);
+  Run r = RUN (TRAIN1, "--task", "classifier", "--data", data, TINY_NET,
+               "--steps", "1", "--p-uncond", "0.2", "--out", out, "--quiet");
+
+  assert_one_line_error (&r, "--p-uncond 0.2 has no effect with --task "
+                         "classifier");
+  g_assert_cmpint (count_entries (dir), ==, 0);
+  run_clear (&r);
+  g_free (out);
+  g_free (data);
+  g_free (dir);
+}
+
+/* An empty class folder was skipped: the classes after it were renumbered
+ * and the model had one class fewer than the folder. */
+static void
+test_train_empty_class_folder (void)
+{
+  char *data = write_image_folder ();
+  char *empty = g_build_filename (data, "empty-class", NULL);
+  char *dir = new_dir ("train-empty-class");
+  char *out = g_build_filename (dir, "w.safetensors", NULL);
+  Run r;
+
+  g_assert_cmpint (g_mkdir (empty, 0755), ==, 0);
+  r = RUN (TRAIN1, "--data", data, TINY_NET, "--steps", "1", "--out", out,
+           "--quiet");
+  assert_one_line_error (&r, empty);
+  g_assert_nonnull (strstr (r.err, "no PNG or JPEG images"));
+  g_assert_cmpint (count_entries (dir), ==, 0);
+  run_clear (&r);
+  g_free (empty);
+  g_free (out);
+  g_free (data);
+  g_free (dir);
+}
+
+static gint64
+mtime_ns (const char *path)
+{
+  GStatBuf st;
+
+  g_assert_cmpint (g_stat (path, &st), ==, 0);
+  return (gint64) st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+}
+
+/* Resuming a checkpoint already at --steps trained nothing and rewrote the
+ * model and the checkpoint. */
+static void
+test_train_resume_nothing_to_train (void)
+{
+  char *data = write_image_folder ();
+  char *dir = new_dir ("train-resume");
+  char *out = g_build_filename (dir, "w.safetensors", NULL);
+  char *ckpt = g_build_filename (dir, "w.ckpt", NULL);
+  char *csv = g_build_filename (dir, "loss.csv", NULL);
+  const char *files[] = { "w.safetensors", "w.ckpt", "loss.csv" };
+  GBytes *before[3];
+  gint64 times[3];
+  Run r;
+
+  r = RUN (TRAIN1, "--data", data, TINY_NET, "--steps", "2", "--checkpoint",
+           ckpt, "--resume", "--log", csv, "--out", out, "--quiet");
+  assert_ok (&r);
+  run_clear (&r);
+  for (int i = 0; i < 3; i++)
+    {
+      char *path = g_build_filename (dir, files[i], NULL);
+      before[i] = read_file (dir, files[i]);
+      times[i] = mtime_ns (path);
+      g_free (path);
+    }
+
+  r = RUN (TRAIN1, "--data", data, TINY_NET, "--steps", "2", "--checkpoint",
+           ckpt, "--resume", "--log", csv, "--out", out, "--quiet");
+  assert_one_line_error (&r, "checkpoint is at step 2, --steps is 2: "
+                         "nothing to train");
+  g_assert_nonnull (strstr (r.err, ckpt));
+  run_clear (&r);
+  r = RUN (TRAIN1, "--data", data, TINY_NET, "--steps", "1", "--checkpoint",
+           ckpt, "--resume", "--log", csv, "--out", out, "--quiet");
+  assert_one_line_error (&r, "checkpoint is at step 2, --steps is 1: "
+                         "nothing to train");
+  run_clear (&r);
+
+  /* Untouched: same bytes, same modification time. */
+  g_assert_cmpint (count_entries (dir), ==, 3);
+  for (int i = 0; i < 3; i++)
+    {
+      char *path = g_build_filename (dir, files[i], NULL);
+      GBytes *after = read_file (dir, files[i]);
+
+      g_assert_true (g_bytes_equal (before[i], after));
+      g_assert_cmpint (mtime_ns (path), ==, times[i]);
+      g_bytes_unref (after);
+      g_bytes_unref (before[i]);
+      g_free (path);
+    }
+
+  /* One step more is training again. */
+  r = RUN (TRAIN1, "--data", data, TINY_NET, "--steps", "3", "--checkpoint",
+           ckpt, "--resume", "--log", csv, "--out", out, "--quiet");
+  assert_ok (&r);
+  run_clear (&r);
+  g_free (out);
+  g_free (ckpt);
+  g_free (csv);
+  g_free (data);
+  g_free (dir);
+}
+
+/* ---- eval: the test set and the counts ---- */
+
+/* eval on the fixtures: 12 training images (4 a class), and 6 test images
+ * when test is given; extra arguments after. */
+static Run
+run_eval (const char *data, const char *test, const char *a, const char *b)
+{
+  const char *args[24] = { EVAL1, "--model", gray_model, "--classifier",
+                           gray_classifier, "--data", data, "--count", "6",
+                           "--steps", "1", "--quiet" };
+  int n = 14;
+
+  if (test)
+    {
+      args[n++] = "--test-data";
+      args[n++] = test;
+    }
+  if (a)
+    {
+      args[n++] = a;
+      args[n++] = b;
+    }
+  args[n] = NULL;
+  return run_argv (args);
+}
+
+/* A folder of images is one set: as --data alone it was both the test set
+ * and the training set, and the floor was 0. */
+static void
+test_eval_folder_needs_test_data (void)
+{
+  char *data = write_image_folder ();
+  char *test = write_image_folder_named ("images-test", 2, 4);
+  char *alias = g_build_filename (data, "..", "images", NULL);
+  Run r;
+
+  r = run_eval (data, NULL, NULL, NULL);
+  assert_one_line_error (&r, "--test-data");
+  g_assert_nonnull (strstr (r.err, data));
+  g_assert_cmpstr (r.out, ==, "");
+  run_clear (&r);
+
+  r = run_eval (data, alias, NULL, NULL);
+  assert_one_line_error (&r, "is the --data folder");
+  run_clear (&r);
+
+  /* With a test set: its 6 images, all 12 training images (the default
+   * 10000 is more than there are), and a floor above 0. */
+  r = run_eval (data, test, NULL, NULL);
+  assert_ok (&r);
+  g_test_message ("%s", r.out);
+  g_assert_nonnull (strstr (r.out, "vs 6 test images"));
+  g_assert_nonnull (strstr (r.out, "(12 training images vs"));
+  g_assert_null (strstr (r.out, "frechet floor: 0 "));
+  run_clear (&r);
+  g_free (alias);
+  g_free (test);
+  g_free (data);
+}
+
+static void
+put_be32 (GByteArray *b, guint32 v)
+{
+  guint8 d[4] = { v >> 24, v >> 16, v >> 8, v };
+
+  g_byte_array_append (b, d, 4);
+}
+
+/* An IDX folder (the Fashion-MNIST layout) of 8 x 8 images: n_train in
+ * train-*, n_test in t10k-*, labels 0..2 in turn. */
+static char *
+write_idx_folder (int n_train, int n_test)
+{
+  const char *prefixes[] = { "train", "t10k" };
+  char *root = new_dir ("idx");
+  GError *error = NULL;
+
+  for (int s = 0; s < 2; s++)
+    {
+      int n = s == 0 ? n_train : n_test;
+      GByteArray *img = g_byte_array_new (), *lab = g_byte_array_new ();
+      char *name, *path;
+
+      put_be32 (img, 0x00000803);
+      put_be32 (img, n);
+      put_be32 (img, 8);
+      put_be32 (img, 8);
+      put_be32 (lab, 0x00000801);
+      put_be32 (lab, n);
+      for (int i = 0; i < n; i++)
+        {
+          guint8 label = i % 3;
+
+          for (int k = 0; k < 64; k++)
+            {
+              guint8 v = (k * 7 + i * 13 + s * 29) % 256;
+              g_byte_array_append (img, &v, 1);
+            }
+          g_byte_array_append (lab, &label, 1);
+        }
+      name = g_strdup_printf ("%s-images-idx3-ubyte", prefixes[s]);
+      path = g_build_filename (root, name, NULL);
+      g_file_set_contents (path, (char *) img->data, img->len, &error);
+      g_assert_no_error (error);
+      g_free (path);
+      g_free (name);
+      name = g_strdup_printf ("%s-labels-idx1-ubyte", prefixes[s]);
+      path = g_build_filename (root, name, NULL);
+      g_file_set_contents (path, (char *) lab->data, lab->len, &error);
+      g_assert_no_error (error);
+      g_free (path);
+      g_free (name);
+      g_byte_array_free (img, TRUE);
+      g_byte_array_free (lab, TRUE);
+    }
+  return root;
+}
+
+/* --train-count (and --test-count) above what the data holds was capped
+ * without a word. */
+static void
+test_eval_counts_above_data (void)
+{
+  char *idx = write_idx_folder (12, 6);
+  Run r;
+
+  /* An IDX folder has its own test split: no --test-data needed. */
+  r = run_eval (idx, NULL, "--train-count", "100");
+  assert_one_line_error (&r, "--train-count 100: ");
+  g_assert_nonnull (strstr (r.err, "holds 12 training images"));
+  g_assert_cmpstr (r.out, ==, "");
+  run_clear (&r);
+  r = run_eval (idx, NULL, "--test-count", "7");
+  assert_one_line_error (&r, "--test-count 7: ");
+  g_assert_nonnull (strstr (r.err, "holds 6 test images"));
+  run_clear (&r);
+
+  /* Exactly what there is works, and so does the default 10000 (all 12). */
+  r = run_eval (idx, NULL, "--train-count", "12");
+  assert_ok (&r);
+  run_clear (&r);
+  r = run_eval (idx, NULL, "--test-count", "6");
+  assert_ok (&r);
+  g_assert_nonnull (strstr (r.out, "(12 training images vs"));
+  g_assert_nonnull (strstr (r.out, "vs 6 test images"));
+  run_clear (&r);
+  g_free (idx);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -1017,8 +1740,13 @@ main (int argc, char **argv)
   truncated_model = write_truncated (gray_model);
   misshaped_model = write_misshaped (gray_model);
   missing_model = g_build_filename (fixtures, "no-such.safetensors", NULL);
+  nouncond_model = write_model_full ("nouncond.safetensors", 1, TRUE, FALSE,
+                                     FALSE);
+  gray_classifier = write_model_full ("classifier.safetensors", 1, FALSE,
+                                      FALSE, TRUE);
 
   g_test_add_func ("/engine/cli/usage", test_usage);
+  g_test_add_func ("/engine/cli/no-command-fails", test_no_command);
   g_test_add_func ("/engine/cli/generate/files", test_generate_files);
   g_test_add_func ("/engine/cli/generate/rgb", test_generate_rgb);
   g_test_add_func ("/engine/cli/generate/same-seed-same-bytes",
@@ -1029,15 +1757,43 @@ main (int argc, char **argv)
                    test_generate_class_name);
   g_test_add_func ("/engine/cli/generate/progress-lines",
                    test_generate_progress);
+  g_test_add_func ("/engine/cli/generate/explicit-options-that-work",
+                   test_generate_explicit_options);
+  g_test_add_func ("/engine/cli/generate/no-leak-under-valgrind",
+                   test_generate_no_leak);
   g_test_add_func ("/engine/cli/interpolate/ends-are-the-seeds",
                    test_interpolate_ends);
   g_test_add_func ("/engine/cli/info", test_info);
   g_test_add_func ("/engine/cli/schedule/rows", test_schedule);
   g_test_add_func ("/engine/cli/schedule/bad-input", test_schedule_bad);
+  g_test_add_func ("/engine/cli/schedule/timesteps-with-model",
+                   test_schedule_timesteps_with_model);
   g_test_add_func ("/engine/cli/eps/round-trip", test_eps_round_trip);
   g_test_add_func ("/engine/cli/train/then-eval", test_train_and_eval);
+  g_test_add_func ("/engine/cli/train/interrupted-keeps-work",
+                   test_train_interrupted);
   g_test_add_func ("/engine/cli/train/bad-input", test_train_bad);
+  g_test_add_func ("/engine/cli/train/write-error-names-the-file",
+                   test_train_write_error_names_the_file);
+  g_test_add_func ("/engine/cli/train/output-files-checked-first",
+                   test_train_output_checked_first);
+  g_test_add_func ("/engine/cli/train/sizes-zero-or-negative",
+                   test_train_sizes_positive);
+  g_test_add_func ("/engine/cli/train/attention-flags-0-or-1",
+                   test_train_attention_flags);
+  g_test_add_func ("/engine/cli/train/p-uncond-with-classifier",
+                   test_train_p_uncond_classifier);
+  g_test_add_func ("/engine/cli/train/empty-class-folder",
+                   test_train_empty_class_folder);
+  g_test_add_func ("/engine/cli/train/resume-nothing-to-train",
+                   test_train_resume_nothing_to_train);
+  g_test_add_func ("/engine/cli/eval/folder-needs-test-data",
+                   test_eval_folder_needs_test_data);
+  g_test_add_func ("/engine/cli/eval/counts-above-data",
+                   test_eval_counts_above_data);
   g_test_add_func ("/engine/cli/eps/bad-magic", test_eps_bad_magic);
+  g_test_add_func ("/engine/cli/eps/output-names-the-file",
+                   test_eps_output_names_the_file);
   for (gsize i = 0; i < G_N_ELEMENTS (bad_npys); i++)
     {
       char *path = g_strdup_printf ("/engine/cli/eps/bad-%s", bad_npys[i].name);

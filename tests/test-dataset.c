@@ -570,6 +570,60 @@ test_folder_empty (void)
   g_free (dir);
 }
 
+/* An empty class folder beside full ones was skipped: the classes after it
+ * were renumbered and a class the user made was missing from the model. */
+static void
+test_folder_empty_class (void)
+{
+  char *dir = make_tmp ("df-empty-class-XXXXXX");
+  char *full = g_build_filename (dir, "bags", NULL);
+  char *empty = g_build_filename (dir, "coats", NULL);
+  char *last = g_build_filename (dir, "shoes", NULL);
+  char *p;
+  GError *error = NULL;
+  DfDataset *d;
+
+  g_mkdir (full, 0755);
+  g_mkdir (empty, 0755);
+  g_mkdir (last, 0755);
+  p = g_build_filename (full, "a.png", NULL);
+  write_png (p, 4, 4, 9, 9, 9, -1);
+  g_free (p);
+  p = g_build_filename (last, "b.png", NULL);
+  write_png (p, 4, 4, 90, 90, 90, -1);
+  g_free (p);
+
+  /* Not an image either: a folder of notes is as empty. */
+  p = g_build_filename (empty, "notes.txt", NULL);
+  g_file_set_contents (p, "no pictures yet", -1, NULL);
+  g_free (p);
+
+  d = df_dataset_load (dir, NULL, 4, 1, &error);
+  g_assert_null (d);
+  g_assert_error (error, DF_DATASET_ERROR, DF_DATASET_ERROR_EMPTY);
+  g_test_message ("%s", error->message);
+  g_assert_true (g_str_has_prefix (error->message, empty));
+  g_assert_null (strstr (error->message, last));
+  g_clear_error (&error);
+
+  /* With an image in it, three classes in name order. */
+  p = g_build_filename (empty, "c.png", NULL);
+  write_png (p, 4, 4, 200, 200, 200, -1);
+  g_free (p);
+  d = df_dataset_load (dir, NULL, 4, 1, &error);
+  g_assert_no_error (error);
+  g_assert_cmpint (d->num_classes, ==, 3);
+  g_assert_cmpstr (d->class_names[1], ==, "coats");
+  g_assert_cmpint (d->labels[2], ==, 2);
+  df_dataset_free (d);
+
+  rm_rf (dir);
+  g_free (full);
+  g_free (empty);
+  g_free (last);
+  g_free (dir);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -592,5 +646,7 @@ main (int argc, char **argv)
   g_test_add_func ("/engine/dataset/folder-unreadable-image",
                    test_folder_unreadable);
   g_test_add_func ("/engine/dataset/folder-empty", test_folder_empty);
+  g_test_add_func ("/engine/dataset/folder-empty-class-folder",
+                   test_folder_empty_class);
   return g_test_run ();
 }
