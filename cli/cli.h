@@ -59,6 +59,16 @@ gboolean  cli_parse_int_list(const char *what, const char *s, int *out,
 gboolean  cli_parse_class   (DfModel *m, const char *s, int *label,
                              GError **error);
 
+/* Classes that must be m's: n of them, and, where both sides have names
+ * (not just the indices "0", "1", ... of a file saved without names), the
+ * same names in the same order.  what names the other side in the error:
+ * "--test-data DIR has classes a, b; the model M has x, y, z". */
+gboolean  cli_check_classes (DfModel *m, const char *what, int n,
+                             const char *const *names, GError **error);
+/* The same for a noisy classifier given with --classifier. */
+gboolean  cli_check_classifier_classes (DfModel *m, DfModel *classifier,
+                                        GError **error);
+
 /* An IDX folder: it holds PREFIX-images-idx3-ubyte[.gz] (prefix "train" or
  * "t10k"). */
 gboolean  cli_is_idx_folder (const char *dir, const char *prefix);
@@ -66,6 +76,12 @@ gboolean  cli_is_idx_folder (const char *dir, const char *prefix);
 /* A file a command will write: its folder exists and path is not a folder.
  * Checked before the work, so hours of it do not end in "cannot write". */
 gboolean  cli_check_output_file (const char *option, const char *path,
+                                 GError **error);
+/* The folder a command will write its files into (created at the end if
+ * missing): an existing folder that can be written, or a path whose
+ * nearest existing part is a folder where it can be created.  Checked
+ * before the work, like cli_check_output_file. */
+gboolean  cli_check_output_dir  (const char *option, const char *dir,
                                  GError **error);
 /* GLib's atomic writes name their temporary file, PATH.XXXXXX, in their
  * errors: put back PATH, the name the user gave, in error's message. */

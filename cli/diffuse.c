@@ -308,12 +308,10 @@ check_model_options (const GenOptions *o, DfModel *m, DfSampleParams *p,
           df_model_free (c);
           return FALSE;
         }
-      if (p->label >= df_model_num_classes (c))
+      /* A classifier of other classes would steer towards the wrong
+       * one, or past the end of its logits. */
+      if (!cli_check_classifier_classes (m, c, error))
         {
-          g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
-                       "--class %s: the classifier %s has only %d classes",
-                       o->class_name, df_model_path (c),
-                       df_model_num_classes (c));
           df_model_free (c);
           return FALSE;
         }
@@ -345,9 +343,10 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
     { "count", 'n', 0, G_OPTION_ARG_INT, &o.count,
       "Number of images (default 16)", "N" },
     { "batch", 'b', 0, G_OPTION_ARG_INT, &o.batch,
-      "Images per forward pass (default: up to 16)", "N" },
+      "Images per forward pass (default 0: automatic, up to 16)", "N" },
     { "class", 'c', 0, G_OPTION_ARG_STRING, &o.class_name,
-      "Class name or index (class-conditional models)", "CLASS" },
+      "Class name or index, class-conditional models: a name is matched "
+      "first, then an index", "CLASS" },
     { "guidance", 'g', 0, G_OPTION_ARG_STRING, &o.guidance,
       "free (default with --class), classifier or none", "KIND" },
     { "guidance-scale", 0, 0, G_OPTION_ARG_DOUBLE, &o.scale,
@@ -373,9 +372,10 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
     { "no-clip", 0, 0, G_OPTION_ARG_NONE, &o.no_clip,
       "Do not clip the predicted x0 to [-1, 1] (clipped by default)", NULL },
     { "batch", 'b', 0, G_OPTION_ARG_INT, &o.batch,
-      "Frames per forward pass (default: up to 16)", "N" },
+      "Frames per forward pass (default 0: automatic, up to 16)", "N" },
     { "class", 'c', 0, G_OPTION_ARG_STRING, &o.class_name,
-      "Class name or index (class-conditional models)", "CLASS" },
+      "Class name or index, class-conditional models: a name is matched "
+      "first, then an index", "CLASS" },
     { "guidance", 'g', 0, G_OPTION_ARG_STRING, &o.guidance,
       "free (default with --class) or none", "KIND" },
     { "guidance-scale", 0, 0, G_OPTION_ARG_DOUBLE, &o.scale,
@@ -407,8 +407,10 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
     goto out;
   gen_options_defaults (&o);
 
-  /* Options first, then the model. */
-  if (!check_sampling_options (&o, &p, &error))
+  /* Options first, then the model.  The folder is created only at the
+   * end, but an unwritable one must not cost the whole run. */
+  if (!check_sampling_options (&o, &p, &error)
+      || !cli_check_output_dir ("--out", o.out, &error))
     goto out;
   if (interpolate)
     {
@@ -496,8 +498,24 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
                           interpolate ? n : cli_grid_cols (n), &error)
     && cli_output_commit (out, &error);
   if (ok)
-    printf ("%s: wrote %s/0000.png to %s/%04d.png and %s/%s\n", cmd, o.out,
-            o.out, n - 1, o.out, interpolate ? "strip.png" : "grid.png");
+    {
+      char last[16];
+      char *first = g_build_filename (o.out, "0000.png", NULL);
+      char *final = NULL;
+      char *overview = g_build_filename (o.out, interpolate ? "strip.png"
+                                                            : "grid.png",
+                                         NULL);
+
+      /* One image is one file, not a range from it to itself. */
+      g_snprintf (last, sizeof last, "%04d.png", n - 1);
+      if (n > 1)
+        final = g_build_filename (o.out, last, NULL);
+      printf ("%s: wrote %s%s%s and %s\n", cmd, first, final ? " to " : "",
+              final ? final : "", overview);
+      g_free (first);
+      g_free (final);
+      g_free (overview);
+    }
 
 out:
   cli_output_free (out);
@@ -730,7 +748,8 @@ cli_eps (int argc, char **argv)
       "x_t as a float32 N,C,H,W .npy file", "X.npy" },
     { "t", 't', 0, G_OPTION_ARG_INT, &t, "Timestep, 0 to T-1", "T" },
     { "class", 'c', 0, G_OPTION_ARG_STRING, &class_name,
-      "Class name or index (default: the unconditional class)", "CLASS" },
+      "Class name or index: a name is matched first, then an index "
+      "(default: the unconditional class)", "CLASS" },
     { "output", 'o', 0, G_OPTION_ARG_FILENAME, &output,
       "Where to write eps as float32 .npy", "EPS.npy" },
     { "threads", 'j', 0, G_OPTION_ARG_INT, &threads,

@@ -102,6 +102,39 @@ check_data (const char *data_dir, const char *test_dir, GError **error)
   return TRUE;
 }
 
+/* The classes of a loaded data set against the model's.  A folder's
+ * classes are its class folders; IDX files hold labels, and at least 10
+ * classes whatever they use, so there each label must be a class of the
+ * model and names are compared only when the counts agree. */
+static gboolean
+check_data_classes (const char *option, const char *dir, gboolean idx,
+                    const DfDataset *d, DfModel *m, GError **error)
+{
+  int k = df_model_num_classes (m);
+  char *what;
+  gboolean ok;
+
+  if (idx)
+    {
+      for (int i = 0; i < d->n; i++)
+        if (d->labels[i] >= k)
+          {
+            g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                         "%s %s: image %d has label %d, but the model %s "
+                         "has classes 0 to %d", option, dir, i,
+                         d->labels[i], df_model_path (m), k - 1);
+            return FALSE;
+          }
+      if (d->num_classes != k)
+        return TRUE;
+    }
+  what = g_strdup_printf ("%s %s", option, dir);
+  ok = cli_check_classes (m, what, d->num_classes,
+                          (const char *const *) d->class_names, error);
+  g_free (what);
+  return ok;
+}
+
 int
 cli_eval (int argc, char **argv)
 {
@@ -124,7 +157,8 @@ cli_eval (int argc, char **argv)
       "Test images: a folder of class folders or an IDX folder's t10k files "
       "(default: --data's t10k files)", "DIR" },
     { "count", 'n', 0, G_OPTION_ARG_INT, &count,
-      "Samples, spread evenly over the classes (default 1000)", "N" },
+      "Samples, spread evenly over the classes, at least one a class "
+      "(default 1000)", "N" },
     { "steps", 's', 0, G_OPTION_ARG_INT, &steps,
       "DDIM steps, eta 0 (default 50)", "N" },
     { "guidance-scale", 0, 0, G_OPTION_ARG_DOUBLE, &scale,
@@ -208,13 +242,24 @@ cli_eval (int argc, char **argv)
                    "unconditional class", df_model_path (m));
       goto out;
     }
-  if (!df_model_is_classifier (cls) || df_model_num_classes (cls) != k
-      || df_model_channels (cls) != c || df_model_size (cls) != s)
+  if (!df_model_is_classifier (cls) || df_model_channels (cls) != c
+      || df_model_size (cls) != s)
     {
       g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
-                   "eval: %s is not a noisy classifier for %s (%d classes "
-                   "of %d x %d x %d images)", df_model_path (cls),
-                   df_model_path (m), k, c, s, s);
+                   "eval: %s is not a noisy classifier for %s (%d x %d x %d "
+                   "images)", df_model_path (cls), df_model_path (m), c, s,
+                   s);
+      goto out;
+    }
+  /* Accuracy counts the classifier's argmax as the model's class. */
+  if (!cli_check_classifier_classes (m, cls, &error))
+    goto out;
+  if (count < k)
+    {
+      g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "eval: --count %d is fewer than the %d classes of %s: "
+                   "give at least %d (the samples are spread evenly over the "
+                   "classes)", count, k, df_model_path (m), k);
       goto out;
     }
   if (steps > df_model_schedule (m)->T)
@@ -231,10 +276,18 @@ cli_eval (int argc, char **argv)
 
   test = df_dataset_load (test_dir ? test_dir : data_dir, "test", s, c,
                           &error);
-  if (test == NULL)
+  if (test == NULL
+      || !check_data_classes (test_dir ? "--test-data" : "--data",
+                              test_dir ? test_dir : data_dir,
+                              cli_is_idx_folder (test_dir ? test_dir
+                                                 : data_dir, "t10k"),
+                              test, m, &error))
     goto out;
   train = df_dataset_load (data_dir, "train", s, c, &error);
-  if (train == NULL)
+  if (train == NULL
+      || !check_data_classes ("--data", data_dir,
+                              cli_is_idx_folder (data_dir, "train"), train, m,
+                              &error))
     goto out;
 
   /* A count above what the data holds is a mistake, not a wish for all. */

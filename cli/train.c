@@ -7,8 +7,19 @@
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "train.h"
+
+/* Upper bounds that keep every size an int and a mistyped value from
+ * reaching the allocator; the memory estimate decides below them. */
+#define MAX_BATCH      65536
+#define MAX_SIZE       4096
+#define MAX_CHANNELS   16384
+#define MAX_LAYERS     64
+#define MAX_TIMESTEPS  100000
 
 /* The int options start at CLI_INT_UNSET: 0 is an error when given, not a
  * request for the default. */
@@ -18,6 +29,7 @@ typedef struct {
   int       layers, groups, size, image_channels, head_dim, timesteps;
   int       threads;
   gboolean  quiet;
+  gboolean  checkpoint_minutes_given;
 } TrainArgs;
 
 #define GIVEN(v) ((v) != CLI_INT_UNSET)
@@ -122,6 +134,170 @@ build_config (const TrainArgs *a, int channels, DfUNetConfig *cfg,
   return TRUE;
 }
 
+/* The network's sizes below the bounds, whichever way they were given. */
+static gboolean
+check_bounds (const TrainArgs *a, const DfUNetConfig *cfg, GError **error)
+{
+  for (int i = 0; i < cfg->n_blocks; i++)
+    if (cfg->block_out_channels[i] > MAX_CHANNELS)
+      {
+        if (a->config && a->channels == NULL)
+          g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                       "--config %s: block_out_channels entry %d is %d; "
+                       "give at most %d channels a block", a->config, i,
+                       cfg->block_out_channels[i], MAX_CHANNELS);
+        else
+          g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                       "--channels %s: %d is too many; give at most %d "
+                       "channels a block", a->channels,
+                       cfg->block_out_channels[i], MAX_CHANNELS);
+        return FALSE;
+      }
+  if (cfg->sample_size > MAX_SIZE)
+    {
+      if (GIVEN (a->size))
+        g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                     "--size %d: give at most %d pixels", a->size, MAX_SIZE);
+      else
+        g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                     "--config %s: sample_size %d is more than %d pixels; "
+                     "give a smaller --size", a->config, cfg->sample_size,
+                     MAX_SIZE);
+      return FALSE;
+    }
+  if (cfg->layers_per_block > MAX_LAYERS)
+    {
+      if (GIVEN (a->layers))
+        g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                     "--layers %d: give at most %d layers a block", a->layers,
+                     MAX_LAYERS);
+      else
+        g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                     "--config %s: layers_per_block %d is more than %d",
+                     a->config, cfg->layers_per_block, MAX_LAYERS);
+      return FALSE;
+    }
+  return TRUE;
+}
+
+/* Bytes the address-space limit (ulimit -v) leaves, or G_MAXDOUBLE. */
+static double
+address_space_left (void)
+{
+  struct rlimit rl;
+  char *statm = NULL;
+  double used = 0;
+
+  if (getrlimit (RLIMIT_AS, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
+    return G_MAXDOUBLE;
+
+  /* What is mapped already (libraries, OpenBLAS, the images) counts. */
+  if (g_file_get_contents ("/proc/self/statm", &statm, NULL, NULL))
+    used = g_ascii_strtod (statm, NULL) * sysconf (_SC_PAGESIZE);
+  g_free (statm);
+  return (double) rl.rlim_cur - used;
+}
+
+/* A network that cannot fit is refused before it is built: a failed
+ * allocation inside GLib aborts.  data_bytes: the images, once loaded. */
+static gboolean
+check_memory (const DfUNetConfig *cfg, gboolean classifier, int batch,
+              double data_bytes, GError **error)
+{
+  const double gib = 1024.0 * 1024 * 1024;
+  double need = df_train_memory_estimate (cfg, classifier, batch, NULL);
+  double phys = (double) sysconf (_SC_PHYS_PAGES) * sysconf (_SC_PAGESIZE);
+  double left = address_space_left ();
+  char *images = data_bytes > 0
+                 ? g_strdup_printf (" besides the images' %.1f GiB",
+                                    data_bytes / gib)
+                 : g_strdup ("");
+  gboolean ok = TRUE;
+
+  if (phys > 0 && need + data_bytes > phys)
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "train: this network at batch %d needs about %.1f GiB%s; "
+                   "the machine has %.1f GiB (use a smaller --batch, --size "
+                   "or --channels)", batch, need / gib, images, phys / gib);
+      ok = FALSE;
+    }
+  else if (need > left)
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "train: this network at batch %d needs about %.1f GiB%s; "
+                   "the address-space limit (ulimit -v) leaves %.1f GiB (use "
+                   "a smaller --batch, --size or --channels)", batch,
+                   need / gib, images, MAX (left, 0) / gib);
+      ok = FALSE;
+    }
+  g_free (images);
+  return ok;
+}
+
+/* Where path would be written, as one name: its folder resolved (links,
+ * "..", "."), then the file itself if it is a link. */
+static char *
+resolved_path (const char *path)
+{
+  char *dir = g_path_get_dirname (path);
+  char *base = g_path_get_basename (path);
+  char *real_dir = realpath (dir, NULL);
+  char *joined, *real;
+
+  joined = g_build_filename (real_dir ? real_dir : dir, base, NULL);
+  real = realpath (joined, NULL);
+  if (real != NULL)
+    {
+      g_free (joined);
+      joined = g_strdup (real);
+      free (real);
+    }
+  free (real_dir);
+  g_free (dir);
+  g_free (base);
+  return joined;
+}
+
+/* Two outputs on one file overwrite each other (the plot over the log,
+ * the weights over the checkpoint): the same name written two ways, a
+ * link, or a hard link. */
+static gboolean
+check_distinct_outputs (const TrainArgs *a, GError **error)
+{
+  const char *options[4] = { "--out", "--checkpoint", "--log", "--plot" };
+  const char *paths[4] = { a->out, a->checkpoint, a->log, a->plot };
+  char *real[4];
+  gboolean ok = TRUE;
+
+  for (int i = 0; i < 4; i++)
+    real[i] = paths[i] ? resolved_path (paths[i]) : NULL;
+  for (int i = 0; i < 4 && ok; i++)
+    for (int j = i + 1; j < 4 && ok; j++)
+      {
+        struct stat si, sj;
+        gboolean same;
+
+        if (real[i] == NULL || real[j] == NULL)
+          continue;
+        same = strcmp (real[i], real[j]) == 0
+               || (stat (real[i], &si) == 0 && stat (real[j], &sj) == 0
+                   && si.st_dev == sj.st_dev && si.st_ino == sj.st_ino);
+        if (same)
+          {
+            g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                         "%s %s and %s %s are the same file: give --out, "
+                         "--checkpoint, --log and --plot each a file of "
+                         "its own", options[i], paths[i], options[j],
+                         paths[j]);
+            ok = FALSE;
+          }
+      }
+  for (int i = 0; i < 4; i++)
+    g_free (real[i]);
+  return ok;
+}
+
 static void
 train_progress (gpointer data, const DfTrainProgress *p)
 {
@@ -170,12 +346,17 @@ check_options (const TrainArgs *a, const DfTrainOptions *o, GError **error)
     bad = "--steps: give at least 1 optimiser step";
   else if (o->batch < 1)
     bad = "--batch: give at least 1 image per step";
+  else if (o->batch > MAX_BATCH)
+    bad = "--batch: give at most " G_STRINGIFY (MAX_BATCH) " images per step";
   else if (!(o->lr > 0) || isinf (o->lr))
     bad = "--lr: give a learning rate > 0";
   else if (o->warmup < 0)
     bad = "--warmup: give 0 or more steps";
-  else if (!(o->weight_decay >= 0))
-    bad = "--weight-decay: give 0 or more";
+  else if (!(o->weight_decay >= 0) || isinf (o->weight_decay))
+    bad = "--weight-decay: give a finite weight decay, 0 or more";
+  else if (o->lr * o->weight_decay >= 1)
+    bad = "--weight-decay: with this --lr it would shrink the weights by "
+          "more than themselves each step; give one below 1 / lr";
   else if (!(o->ema_decay >= 0 && o->ema_decay < 1))
     bad = "--ema: give a decay in [0, 1)";
   else if (!(o->grad_clip >= 0))
@@ -184,6 +365,9 @@ check_options (const TrainArgs *a, const DfTrainOptions *o, GError **error)
     bad = "--p-uncond: give a probability in [0, 1]";
   else if (!(o->checkpoint_minutes >= 0))
     bad = "--checkpoint-minutes: give 0 or more";
+  else if (a->checkpoint_minutes_given && o->checkpoint == NULL)
+    bad = "--checkpoint-minutes sets how often --checkpoint is written: "
+          "give --checkpoint PATH too, or drop --checkpoint-minutes";
   else if (o->resume && o->checkpoint == NULL)
     bad = "--resume needs --checkpoint PATH";
   else if (a->threads < 0 || a->threads > DF_MAX_THREADS)
@@ -193,17 +377,48 @@ check_options (const TrainArgs *a, const DfTrainOptions *o, GError **error)
     bad = "--image-channels: give 1 (gray) or 3 (RGB)";
   else if (a->timesteps < 1)
     bad = "--timesteps: give at least 1";
+  else if (a->timesteps > MAX_TIMESTEPS)
+    bad = "--timesteps: give at most " G_STRINGIFY (MAX_TIMESTEPS);
 
   if (bad)
     g_set_error_literal (error, CLI_ERROR, CLI_ERROR_INVALID, bad);
   return bad == NULL;
 }
 
+/* A --help text that shows a default; kept in texts until the end. */
+static const char *
+help_text (GPtrArray *texts, const char *format, ...) G_GNUC_PRINTF (2, 3);
+
+static const char *
+help_text (GPtrArray *texts, const char *format, ...)
+{
+  va_list args;
+  char *text;
+
+  va_start (args, format);
+  text = g_strdup_vprintf (format, args);
+  va_end (args);
+  g_ptr_array_add (texts, text);
+  return text;
+}
+
+/* The engine's defaults, for --help (taken before the options array is
+ * built from them). */
+static DfTrainOptions
+train_defaults (void)
+{
+  DfTrainOptions d;
+
+  df_train_options_init (&d);
+  return d;
+}
+
 int
 cli_train (int argc, char **argv)
 {
   TrainArgs a = { 0 };
-  DfTrainOptions o;
+  DfTrainOptions o, d = train_defaults ();
+  GPtrArray *texts = g_ptr_array_new_with_free_func (g_free);
   GOptionEntry entries[] = {
     { "data", 'd', 0, G_OPTION_ARG_FILENAME, &a.data,
       "Images: an IDX folder (Fashion-MNIST) or a folder of class folders",
@@ -217,7 +432,8 @@ cli_train (int argc, char **argv)
     { "layers", 0, 0, G_OPTION_ARG_INT, &a.layers,
       "ResNet layers per block (default 1)", "N" },
     { "attention", 0, 0, G_OPTION_ARG_STRING, &a.attention,
-      "Attention per block, 0 or 1 (default 0,0,1)", "A1,A2,..." },
+      "Attention per block, 0 or 1 (default: in the last block only, "
+      "0,0,1 for three blocks)", "A1,A2,..." },
     { "groups", 0, 0, G_OPTION_ARG_INT, &a.groups,
       "GroupNorm groups (default 8)", "N" },
     { "head-dim", 0, 0, G_OPTION_ARG_INT, &a.head_dim,
@@ -230,33 +446,49 @@ cli_train (int argc, char **argv)
       "linear (default), scaled_linear or cosine", "NAME" },
     { "timesteps", 'T', 0, G_OPTION_ARG_INT, &a.timesteps,
       "Training timesteps (default 1000)", "T" },
-    { "steps", 's', 0, G_OPTION_ARG_INT, &o.steps, "Optimiser steps", "N" },
-    { "batch", 'b', 0, G_OPTION_ARG_INT, &o.batch, "Images per step", "N" },
-    { "lr", 0, 0, G_OPTION_ARG_DOUBLE, &o.lr, "Peak learning rate", "LR" },
+    { "steps", 's', 0, G_OPTION_ARG_INT, &o.steps,
+      help_text (texts, "Optimiser steps (default %d)", d.steps), "N" },
+    { "batch", 'b', 0, G_OPTION_ARG_INT, &o.batch,
+      help_text (texts, "Images per step (default %d)", d.batch), "N" },
+    { "lr", 0, 0, G_OPTION_ARG_DOUBLE, &o.lr,
+      help_text (texts, "Peak learning rate (default %g)", d.lr), "LR" },
     { "warmup", 0, 0, G_OPTION_ARG_INT, &o.warmup,
-      "Linear warm-up steps", "N" },
+      help_text (texts, "Linear warm-up steps (default %d)", d.warmup),
+      "N" },
     { "lr-schedule", 0, 0, G_OPTION_ARG_STRING, &a.lr_schedule,
-      "After warm-up: constant or cosine", "NAME" },
+      help_text (texts, "After warm-up: constant or cosine (default %s)",
+                 d.lr_schedule == DF_LR_COSINE ? "cosine" : "constant"),
+      "NAME" },
     { "weight-decay", 0, 0, G_OPTION_ARG_DOUBLE, &o.weight_decay,
-      "AdamW decoupled weight decay", "WD" },
+      help_text (texts, "AdamW decoupled weight decay (default %g)",
+                 d.weight_decay), "WD" },
     { "ema", 0, 0, G_OPTION_ARG_DOUBLE, &o.ema_decay,
-      "EMA decay of the shipped weights", "DECAY" },
+      help_text (texts, "EMA decay of the shipped weights (default %g)",
+                 d.ema_decay), "DECAY" },
     { "grad-clip", 0, 0, G_OPTION_ARG_DOUBLE, &o.grad_clip,
-      "Clip the global gradient norm (0: off)", "NORM" },
+      help_text (texts, "Clip the global gradient norm (0: off; default "
+                 "%g)", d.grad_clip), "NORM" },
     { "p-uncond", 0, 0, G_OPTION_ARG_DOUBLE, &o.p_uncond,
-      "Probability of dropping the label to the unconditional class", "P" },
+      help_text (texts, "Probability of dropping the label to the "
+                 "unconditional class (default %g)", d.p_uncond), "P" },
     { "hflip", 0, 0, G_OPTION_ARG_NONE, &o.hflip,
-      "Random horizontal flips", NULL },
+      "Random horizontal flips (default: none)", NULL },
     { "seed", 0, 0, G_OPTION_ARG_STRING, &a.seed,
-      "Seed of the initial weights and of every random draw", "N" },
+      help_text (texts, "Seed of the initial weights and of every random "
+                 "draw (default %" G_GUINT64_FORMAT ")", d.seed), "N" },
     { "checkpoint", 0, 0, G_OPTION_ARG_FILENAME, &a.checkpoint,
       "Checkpoint file (written atomically)", "PATH" },
     { "checkpoint-minutes", 0, 0, G_OPTION_ARG_DOUBLE, &o.checkpoint_minutes,
-      "Minutes between checkpoints", "M" },
+      help_text (texts, "Minutes between checkpoints, which rewrite --out "
+                 "too (default %g; needs --checkpoint)",
+                 d.checkpoint_minutes), "M" },
     { "resume", 0, 0, G_OPTION_ARG_NONE, &o.resume,
-      "Continue from the checkpoint if it exists", NULL },
+      "Continue from the checkpoint if it exists (the options that define "
+      "the run must be the checkpoint's)", NULL },
     { "log", 0, 0, G_OPTION_ARG_FILENAME, &a.log,
-      "Append step,loss,smoothed_loss,lr,img_per_s rows to this CSV", "CSV" },
+      "Write step,loss,smoothed_loss,lr,img_per_s rows to this CSV: a fresh "
+      "run starts it anew, --resume keeps the rows up to the checkpoint's "
+      "step and replaces the rest", "CSV" },
     { "plot", 0, 0, G_OPTION_ARG_FILENAME, &a.plot,
       "Write the loss curve as a PNG at the end (needs --log)", "PNG" },
     { "out", 'o', 0, G_OPTION_ARG_FILENAME, &a.out,
@@ -281,6 +513,7 @@ cli_train (int argc, char **argv)
   a.timesteps = 1000;
   a.layers = a.groups = a.size = a.image_channels = a.head_dim = CLI_INT_UNSET;
   o.p_uncond = CLI_DOUBLE_UNSET;
+  o.checkpoint_minutes = CLI_DOUBLE_UNSET;
   if (!cli_parse ("train", "", "Train a class-conditional UNet or a noisy "
                   "classifier; progress on stderr, EMA weights to --out.",
                   entries, &argc, &argv, &error))
@@ -309,7 +542,10 @@ cli_train (int argc, char **argv)
       goto out;
     }
   if (o.p_uncond == CLI_DOUBLE_UNSET)
-    o.p_uncond = 0.1;
+    o.p_uncond = d.p_uncond;
+  a.checkpoint_minutes_given = o.checkpoint_minutes != CLI_DOUBLE_UNSET;
+  if (!a.checkpoint_minutes_given)
+    o.checkpoint_minutes = d.checkpoint_minutes;
   if (!check_options (&a, &o, &error))
     goto out;
   if (a.lr_schedule == NULL)
@@ -348,14 +584,19 @@ cli_train (int argc, char **argv)
   if (!cli_check_output_file ("--out", a.out, &error)
       || !cli_check_output_file ("--checkpoint", a.checkpoint, &error)
       || !cli_check_output_file ("--log", a.log, &error)
-      || !cli_check_output_file ("--plot", a.plot, &error))
+      || !cli_check_output_file ("--plot", a.plot, &error)
+      || !check_distinct_outputs (&a, &error))
     goto out;
 
-  /* The network and schedule (the class count comes from the data). */
+  /* The network and schedule (the class count comes from the data); a
+   * network that cannot fit is refused before the data is read. */
   channels = GIVEN (a.image_channels) ? a.image_channels : 0;
   if (channels == 0 && a.config == NULL)
     channels = cli_is_idx_folder (a.data, "train") ? 1 : 3;
-  if (!build_config (&a, channels, &cfg, &error))
+  if (!build_config (&a, channels, &cfg, &error)
+      || !check_bounds (&a, &cfg, &error)
+      || !df_unet_config_validate (&cfg, &error)
+      || !check_memory (&cfg, classifier, o.batch, 0, &error))
     goto out;
   sched = df_schedule_new (kind, a.timesteps, 0, 0, &error);
   if (sched == NULL)
@@ -375,7 +616,9 @@ cli_train (int argc, char **argv)
       cfg.classifier_classes = 0;
       cfg.num_class_embeds = data->num_classes + 1;
     }
-  if (!df_unet_config_validate (&cfg, &error))
+  if (!df_unet_config_validate (&cfg, &error)
+      || !check_memory (&cfg, classifier, o.batch,
+                        4.0 * data->n * data->c * data->h * data->w, &error))
     goto out;
   m = df_model_new (&cfg, classifier, sched,
                     (const char *const *) data->class_names,
@@ -389,6 +632,9 @@ cli_train (int argc, char **argv)
   trainer = df_trainer_new (m, data, &o, &error);
   if (trainer == NULL || !df_trainer_resume (trainer, &resumed, &error))
     goto out;
+  if (o.resume && !resumed && !a.quiet)
+    fprintf (stderr, "train: no checkpoint at %s yet: starting at step 0\n",
+             a.checkpoint);
   if (resumed && df_trainer_step_index (trainer) >= o.steps)
     {
       /* Running would only write the same weights again. */
@@ -401,10 +647,22 @@ cli_train (int argc, char **argv)
     }
   if (!a.quiet)
     {
-      fprintf (stderr, "train: %s, %" G_GSIZE_FORMAT " parameters, %d images "
-               "of %d x %d x %d, %d classes", classifier ? "noisy classifier"
-               : "UNet", df_unet_param_count (df_model_net (m)), data->n,
-               data->c, data->h, data->w, data->num_classes);
+      const DfTrainChange *changes;
+      gsize n_params = df_unet_param_count (df_model_net (m));
+      int n_changes;
+
+      /* What a resumed run does differently, one line each. */
+      changes = df_trainer_changes (trainer, &n_changes);
+      for (int i = 0; i < n_changes; i++)
+        fprintf (stderr, "train: resuming with %s %s (the checkpoint ran "
+                 "%s)\n", changes[i].option, changes[i].value,
+                 changes[i].checkpoint);
+      fprintf (stderr, "train: %s, %" G_GSIZE_FORMAT " parameter%s, %d "
+               "image%s of %d x %d x %d, %d class%s",
+               classifier ? "noisy classifier" : "UNet", n_params,
+               n_params == 1 ? "" : "s", data->n, data->n == 1 ? "" : "s",
+               data->c, data->h, data->w, data->num_classes,
+               data->num_classes == 1 ? "" : "es");
       if (resumed)
         fprintf (stderr, ", resumed at step %d",
                  df_trainer_step_index (trainer));
@@ -478,5 +736,6 @@ out:
   g_free (a.log);
   g_free (a.plot);
   g_free (a.out);
+  g_ptr_array_free (texts, TRUE);
   return ok ? 0 : cli_fail (error);
 }

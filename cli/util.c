@@ -180,6 +180,88 @@ cli_parse_class (DfModel *m, const char *s, int *label, GError **error)
   return FALSE;
 }
 
+/* A file saved without class names gets "0", "1", ...: those say no more
+ * than the count. */
+static gboolean
+names_are_indices (int n, const char *const *names)
+{
+  if (names == NULL)
+    return TRUE;
+  for (int i = 0; i < n; i++)
+    {
+      char index[16];
+
+      g_snprintf (index, sizeof index, "%d", i);
+      if (names[i] == NULL || strcmp (names[i], index) != 0)
+        return FALSE;
+    }
+  return TRUE;
+}
+
+static char *
+join_names (int n, const char *const *names)
+{
+  GString *s = g_string_new (NULL);
+
+  for (int i = 0; i < n; i++)
+    g_string_append_printf (s, "%s%s", i ? ", " : "",
+                            names && names[i] ? names[i] : "?");
+  return g_string_free (s, FALSE);
+}
+
+gboolean
+cli_check_classes (DfModel *m, const char *what, int n,
+                   const char *const *names, GError **error)
+{
+  int k = df_model_num_classes (m);
+  const char **own = g_new0 (const char *, k + 1);
+  gboolean same = n == k;
+  char *theirs, *ours;
+
+  for (int i = 0; i < k; i++)
+    own[i] = df_model_class_name (m, i);
+  if (same && !names_are_indices (n, names) && !names_are_indices (k, own))
+    for (int i = 0; i < k && same; i++)
+      same = names[i] != NULL && strcmp (names[i], own[i]) == 0;
+  if (same)
+    {
+      g_free (own);
+      return TRUE;
+    }
+
+  theirs = join_names (n, names);
+  ours = join_names (k, own);
+  if (n != k)
+    g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                 "%s has %d class%s (%s); the model %s has %d (%s)", what, n,
+                 n == 1 ? "" : "es", theirs, df_model_path (m), k, ours);
+  else
+    g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                 "%s has classes %s; the model %s has %s", what, theirs,
+                 df_model_path (m), ours);
+  g_free (theirs);
+  g_free (ours);
+  g_free (own);
+  return FALSE;
+}
+
+gboolean
+cli_check_classifier_classes (DfModel *m, DfModel *classifier, GError **error)
+{
+  int n = df_model_num_classes (classifier);
+  const char **names = g_new0 (const char *, n + 1);
+  char *what = g_strdup_printf ("--classifier %s",
+                                df_model_path (classifier));
+  gboolean ok;
+
+  for (int i = 0; i < n; i++)
+    names[i] = df_model_class_name (classifier, i);
+  ok = cli_check_classes (m, what, n, names, error);
+  g_free (what);
+  g_free (names);
+  return ok;
+}
+
 /* ---- files ---- */
 
 gboolean
@@ -230,6 +312,57 @@ cli_check_output_file (const char *option, const char *path, GError **error)
       ok = FALSE;
     }
   g_free (dir);
+  return ok;
+}
+
+gboolean
+cli_check_output_dir (const char *option, const char *dir, GError **error)
+{
+  char *at = g_strdup (dir);
+  gboolean ok = TRUE;
+
+  /* The folder, or the nearest part of its path that exists (where
+   * g_mkdir_with_parents will start creating). */
+  while (!g_file_test (at, G_FILE_TEST_EXISTS))
+    {
+      char *up = g_path_get_dirname (at);
+
+      if (strcmp (up, at) == 0)
+        {
+          g_free (up);
+          break;
+        }
+      g_free (at);
+      at = up;
+    }
+
+  if (g_file_test (at, G_FILE_TEST_EXISTS)
+      && !g_file_test (at, G_FILE_TEST_IS_DIR))
+    {
+      if (strcmp (at, dir) == 0)
+        g_set_error (error, CLI_ERROR, CLI_ERROR_IO,
+                     "%s %s is a file, not a folder: give a folder", option,
+                     dir);
+      else
+        g_set_error (error, CLI_ERROR, CLI_ERROR_IO,
+                     "%s %s: %s is a file, not a folder", option, dir, at);
+      ok = FALSE;
+    }
+  else if (g_access (at, W_OK | X_OK) != 0)
+    {
+      int errsv = errno;
+
+      if (strcmp (at, dir) == 0)
+        g_set_error (error, CLI_ERROR, CLI_ERROR_IO,
+                     "%s %s: cannot write in this folder: %s", option, dir,
+                     g_strerror (errsv));
+      else
+        g_set_error (error, CLI_ERROR, CLI_ERROR_IO,
+                     "%s %s: cannot create it in %s: %s", option, dir, at,
+                     g_strerror (errsv));
+      ok = FALSE;
+    }
+  g_free (at);
   return ok;
 }
 
@@ -529,6 +662,7 @@ cli_output_commit (CliOutput *o, GError **error)
                                      G_FILE_SET_CONTENTS_CONSISTENT, 0644,
                                      &err))
         {
+          cli_error_restore_path (err, path);
           g_propagate_prefixed_error (error, err, "writing the results: ");
           g_free (path);
           break;

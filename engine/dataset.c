@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <gdk-pixbuf/gdk-pixbuf.h>
+#include <glib/gstdio.h>
 #include <string.h>
 #include <zlib.h>
 
@@ -293,6 +294,18 @@ dataset_to_rgb (DfDataset *d)
   d->c = 3;
 }
 
+/* Images give 1 or 3 channels; a model config can ask for any count. */
+static gboolean
+check_channels (int channels, GError **error)
+{
+  if (channels == 1 || channels == 3)
+    return TRUE;
+  g_set_error (error, DF_DATASET_ERROR, DF_DATASET_ERROR_CHANNELS,
+               "the model has %d image channels; images can be read as 1 "
+               "(gray) or 3 (RGB)", channels);
+  return FALSE;
+}
+
 /* ---- folders ---- */
 
 static gboolean
@@ -353,26 +366,203 @@ list_folder (const char *dir, GPtrArray *dirs, GPtrArray *files,
   return TRUE;
 }
 
+/* A folder's device and inode, to find a link back to a folder above. */
+typedef struct {
+  guint64 dev, ino;
+} FolderId;
+
+/* Every image in dir and its subfolders, at any depth, into files (full
+ * paths; sorting is the caller's).  above: the folders dir is inside. */
+static gboolean
+list_images_under (const char *dir, GArray *above, GPtrArray *files,
+                   GError **error)
+{
+  GPtrArray *dirs;
+  GStatBuf st;
+  gboolean ok, pushed = FALSE;
+
+  /* A link to a folder above would be read forever.  (If dir cannot be
+   * statted, list_folder says why.) */
+  if (g_stat (dir, &st) == 0)
+    {
+      FolderId id = { st.st_dev, st.st_ino };
+
+      for (guint i = 0; i < above->len; i++)
+        if (g_array_index (above, FolderId, i).dev == id.dev
+            && g_array_index (above, FolderId, i).ino == id.ino)
+          {
+            g_set_error (error, DF_DATASET_ERROR, DF_DATASET_ERROR_FORMAT,
+                         "%s: a link to a folder that holds it, a loop "
+                         "(remove the link)", dir);
+            return FALSE;
+          }
+      g_array_append_val (above, id);
+      pushed = TRUE;
+    }
+
+  dirs = g_ptr_array_new_with_free_func (g_free);
+  ok = list_folder (dir, dirs, files, error);
+  for (guint k = 0; ok && k < dirs->len; k++)
+    ok = list_images_under (dirs->pdata[k], above, files, error);
+  g_ptr_array_unref (dirs);
+  if (pushed)
+    g_array_set_size (above, above->len - 1);
+  return ok;
+}
+
+/* The loaders finish a PNG or JPEG that stops early with the rows they have
+ * (gray or garbage below) and no error, so completeness is checked here: a
+ * whole file reaches its PNG IEND chunk or JPEG EOI marker.  NULL if it
+ * does (or is another format), else the end it lacks. */
+static const char *
+image_cut_short (const guint8 *b, gsize len)
+{
+  static const guint8 png_signature[8] = { 0x89, 'P', 'N', 'G',
+                                           '\r', '\n', 0x1a, '\n' };
+
+  if (len >= 8 && memcmp (b, png_signature, 8) == 0)
+    {
+      /* Chunks: u32 length, 4-byte type, data, u32 CRC. */
+      gsize pos = 8;
+
+      while (len - pos >= 12)
+        {
+          guint64 end = pos + 12 + (guint64) be32 (b + pos);
+
+          if (end > len)
+            break;
+          if (memcmp (b + pos + 4, "IEND", 4) == 0)
+            return NULL;
+          pos = end;
+        }
+      return "PNG data (its IEND chunk)";
+    }
+  if (len >= 3 && b[0] == 0xff && b[1] == 0xd8 && b[2] == 0xff)
+    {
+      /* Markers FF xx.  Segments with a u16 length are skipped whole (tables
+       * and EXIF thumbnails hold any bytes); in the entropy-coded data after
+       * a scan header FF is followed by 00 (stuffed) or a restart marker. */
+      gsize pos = 2;
+
+      while (pos + 1 < len)
+        {
+          guint8 m = b[pos + 1];
+
+          if (b[pos] != 0xff || m == 0xff)
+            pos++;
+          else if (m == 0xd9)
+            return NULL;
+          else if (m == 0x00 || m == 0x01 || (m >= 0xd0 && m <= 0xd8))
+            pos += 2;
+          else if (len - pos < 4)
+            break;
+          else
+            pos += 2 + (((gsize) b[pos + 2] << 8) | b[pos + 3]);
+        }
+      return "JPEG data (its EOI marker)";
+    }
+  return NULL;
+}
+
+/* The loader's size-prepared: decode stretched to w x h (JPEG decodes at a
+ * reduced size on the way), as gdk_pixbuf_new_from_file_at_scale does
+ * without preserve_aspect_ratio. */
+static void
+on_size_prepared (GdkPixbufLoader *loader, int width, int height,
+                  gpointer data)
+{
+  const int *wh = data;
+
+  gdk_pixbuf_loader_set_size (loader, wh[0], wh[1]);
+}
+
+/* Fed in the pieces gdk_pixbuf_new_from_file_at_scale uses, a progressive
+ * JPEG goes through the same passes and so keeps its pixels. */
+#define LOAD_PIECE 65536
+
+/* One image file -> a pixbuf of about w x h, or an error naming the file. */
+static GdkPixbuf *
+decode_image (const char *path, int w, int h, GError **error)
+{
+  GError *err = NULL;
+  GdkPixbufLoader *loader;
+  GdkPixbuf *pb = NULL;
+  const char *lacks;
+  int wh[2] = { w, h };
+  char *bytes;
+  gsize len;
+  gboolean ok = TRUE;
+
+  if (!g_file_get_contents (path, &bytes, &len, &err))
+    {
+      g_set_error (error, DF_DATASET_ERROR, DF_DATASET_ERROR_IO,
+                   "%s: cannot read the image: %s (remove or replace it)",
+                   path, err->message);
+      g_error_free (err);
+      return NULL;
+    }
+  if (len == 0)
+    {
+      g_set_error (error, DF_DATASET_ERROR, DF_DATASET_ERROR_FORMAT,
+                   "%s: cannot read the image: the file is empty (remove or "
+                   "replace it)", path);
+      g_free (bytes);
+      return NULL;
+    }
+  lacks = image_cut_short ((const guint8 *) bytes, len);
+  if (lacks != NULL)
+    {
+      g_set_error (error, DF_DATASET_ERROR, DF_DATASET_ERROR_FORMAT,
+                   "%s: cannot read the image: the file stops before the end "
+                   "of its %s, truncated or damaged (remove or replace it)",
+                   path, lacks);
+      g_free (bytes);
+      return NULL;
+    }
+
+  /* Write and close both report bad data; a pixbuf can still be missing. */
+  loader = gdk_pixbuf_loader_new ();
+  g_signal_connect (loader, "size-prepared", G_CALLBACK (on_size_prepared),
+                    wh);
+  for (gsize off = 0; ok && off < len; off += LOAD_PIECE)
+    ok = gdk_pixbuf_loader_write (loader, (const guchar *) bytes + off,
+                                  MIN (len - off, LOAD_PIECE), &err);
+  if (!ok)
+    gdk_pixbuf_loader_close (loader, NULL);
+  else if (gdk_pixbuf_loader_close (loader, &err))
+    {
+      pb = gdk_pixbuf_loader_get_pixbuf (loader);
+      if (pb != NULL)
+        g_object_ref (pb);
+      else
+        g_set_error_literal (&err, GDK_PIXBUF_ERROR, GDK_PIXBUF_ERROR_FAILED,
+                             "no image in it");
+    }
+  g_object_unref (loader);
+  g_free (bytes);
+  if (pb == NULL)
+    {
+      g_set_error (error, DF_DATASET_ERROR, DF_DATASET_ERROR_FORMAT,
+                   "%s: cannot read the image: %s (remove or replace it)",
+                   path, err ? err->message : "the decoder gave no reason");
+      g_clear_error (&err);
+    }
+  return pb;
+}
+
 /* One image file -> dst [C,H,W] in [-1, 1], alpha composited on white. */
 static gboolean
 load_image (const char *path, int h, int w, int channels, float *dst,
             GError **error)
 {
-  GError *err = NULL;
-  GdkPixbuf *pb = gdk_pixbuf_new_from_file_at_scale (path, w, h, FALSE, &err);
+  GdkPixbuf *pb = decode_image (path, w, h, error);
   const guint8 *px;
   int stride, nch;
   gboolean alpha;
   gsize plane = (gsize) h * w;
 
   if (pb == NULL)
-    {
-      g_set_error (error, DF_DATASET_ERROR, DF_DATASET_ERROR_FORMAT,
-                   "%s: cannot read the image: %s (remove or replace it)",
-                   path, err->message);
-      g_error_free (err);
-      return FALSE;
-    }
+    return FALSE;
 
   /* The loader may hand back another size when it cannot scale. */
   if (gdk_pixbuf_get_width (pb) != w || gdk_pixbuf_get_height (pb) != h)
@@ -422,35 +612,44 @@ df_dataset_load_folder (const char *dir, int size, int channels,
   int first_bad = -1;
 
   g_return_val_if_fail (dir != NULL, NULL);
-  g_return_val_if_fail (channels == 1 || channels == 3, NULL);
   g_return_val_if_fail (error == NULL || *error == NULL, NULL);
 
+  if (!check_channels (channels, error))
+    goto out;
+
   /* Classes: the subfolders in name order, or the folder itself. */
-  if (!list_folder (dir, dirs, NULL, error))
+  if (!list_folder (dir, dirs, files, error))
     goto out;
   if (dirs->len == 0)
     {
-      char *base = g_path_get_basename (dir);
-
-      if (!list_folder (dir, NULL, files, error))
-        {
-          g_free (base);
-          goto out;
-        }
-      g_ptr_array_add (names, base);
+      g_ptr_array_add (names, g_path_get_basename (dir));
       for (guint i = 0; i < files->len; i++)
         {
           int zero = 0;
           g_array_append_val (labels, zero);
         }
     }
+  else if (files->len > 0)
+    {
+      /* It would be in no class; skipping it hides a misplaced image. */
+      g_set_error (error, DF_DATASET_ERROR, DF_DATASET_ERROR_FORMAT,
+                   "%s: an image beside the class folders (every subfolder "
+                   "of %s is a class): move it into a class folder",
+                   (char *) files->pdata[0], dir);
+      goto out;
+    }
   else
     for (guint k = 0; k < dirs->len; k++)
       {
+        GArray *above = g_array_new (FALSE, FALSE, sizeof (FolderId));
         guint before = files->len;
         int label = names->len;
+        gboolean ok;
 
-        if (!list_folder (dirs->pdata[k], NULL, files, error))
+        /* The class's images at any depth, in path order. */
+        ok = list_images_under (dirs->pdata[k], above, files, error);
+        g_array_free (above, TRUE);
+        if (!ok)
           goto out;
         if (files->len == before)
           {
@@ -463,6 +662,8 @@ df_dataset_load_folder (const char *dir, int size, int channels,
                          dir);
             goto out;
           }
+        qsort (files->pdata + before, files->len - before, sizeof (char *),
+               compare_strings);
         g_ptr_array_add (names, g_path_get_basename (dirs->pdata[k]));
         for (guint i = before; i < files->len; i++)
           g_array_append_val (labels, label);
@@ -586,9 +787,11 @@ df_dataset_load (const char *path, const char *split, int size, int channels,
   DfDataset *d;
 
   g_return_val_if_fail (path != NULL, NULL);
-  g_return_val_if_fail (channels == 1 || channels == 3, NULL);
   g_return_val_if_fail (error == NULL || *error == NULL, NULL);
 
+  /* The callers pass the model's in_channels, which a config can set. */
+  if (!check_channels (channels, error))
+    return NULL;
   if (!g_file_test (path, G_FILE_TEST_IS_DIR))
     {
       g_set_error (error, DF_DATASET_ERROR, DF_DATASET_ERROR_IO,

@@ -16,7 +16,8 @@ GQuark df_dataset_error_quark (void);
 typedef enum {
   DF_DATASET_ERROR_IO,
   DF_DATASET_ERROR_FORMAT,
-  DF_DATASET_ERROR_EMPTY
+  DF_DATASET_ERROR_EMPTY,
+  DF_DATASET_ERROR_CHANNELS     /* asked for other than 1 or 3 channels */
 } DfDatasetError;
 
 typedef struct {
@@ -29,9 +30,14 @@ typedef struct {
 
 /* path: an IDX folder (train-images-idx3-ubyte[.gz] and
  * train-labels-idx1-ubyte[.gz], or t10k-* with split "test"), or a class
- * folder (every subfolder a class, none of them empty: an error names an
- * empty one).  Images are resized to size x size (bilinear) and converted to
- * channels (1 gray or 3 RGB).  Fashion-MNIST folders get its class names. */
+ * folder: every subfolder a class holding the images in it and in its own
+ * subfolders, none of them empty (an error names an empty one); an image
+ * beside the class folders is an error; a folder without subfolders is one
+ * class named after it.  Hidden files and folders are ignored.  Images are
+ * stretched to size x size (bilinear), alpha composited on white, and
+ * converted to channels, 1 gray or 3 RGB (anything else is an error,
+ * DF_DATASET_ERROR_CHANNELS); an unreadable or truncated image is an error
+ * naming it.  Fashion-MNIST folders get its class names. */
 DfDataset *df_dataset_load       (const char *path, const char *split,
                                   int size, int channels, GError **error);
 DfDataset *df_dataset_load_idx   (const char *images, const char *labels,

@@ -13,6 +13,7 @@
 
 #include <cairo.h>
 #include <errno.h>
+#include <json-glib/json-glib.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -76,6 +77,8 @@ struct _DfTrainer {
   int               step;          /* steps done */
   double            smoothed;
   gboolean          have_smoothed;
+  int               saved_step;    /* of the last checkpoint, or -1 */
+  GArray           *changes;       /* DfTrainChange, set by resume */
 };
 
 void
@@ -143,8 +146,11 @@ check_options (const DfTrainOptions *o, GError **error)
     bad = "the learning rate must be > 0";
   else if (o->warmup < 0)
     bad = "warm-up steps must be >= 0";
-  else if (!(o->weight_decay >= 0))
-    bad = "weight decay must be >= 0";
+  else if (!(o->weight_decay >= 0) || !isfinite (o->weight_decay))
+    bad = "weight decay must be finite and >= 0";
+  else if (o->lr * o->weight_decay >= 1)
+    bad = "the learning rate times the weight decay must be below 1 (the "
+          "weights would shrink by more than themselves in a step)";
   else if (!(o->beta1 >= 0 && o->beta1 < 1) || !(o->beta2 >= 0 && o->beta2 < 1))
     bad = "Adam's betas must be in [0, 1)";
   else if (!(o->adam_eps > 0))
@@ -249,6 +255,8 @@ df_trainer_new (DfModel *m, const DfDataset *data, const DfTrainOptions *o,
   t->checkpoint = g_strdup (o->checkpoint);
   t->log_csv = g_strdup (o->log_csv);
   t->output = g_strdup (o->output);
+  t->saved_step = -1;
+  t->changes = g_array_new (FALSE, TRUE, sizeof (DfTrainChange));
   t->o.checkpoint = t->checkpoint;
   t->o.log_csv = t->log_csv;
   t->o.output = t->output;
@@ -299,11 +307,26 @@ df_trainer_new (DfModel *m, const DfDataset *data, const DfTrainOptions *o,
   return t;
 }
 
+static void
+clear_changes (DfTrainer *t)
+{
+  for (guint i = 0; i < t->changes->len; i++)
+    {
+      DfTrainChange *c = &g_array_index (t->changes, DfTrainChange, i);
+
+      g_free (c->checkpoint);
+      g_free (c->value);
+    }
+  g_array_set_size (t->changes, 0);
+}
+
 void
 df_trainer_free (DfTrainer *t)
 {
   if (t == NULL)
     return;
+  clear_changes (t);
+  g_array_free (t->changes, TRUE);
   df_graph_free (t->graph);
   g_free (t->eps);
   g_free (t->tsteps);
@@ -405,6 +428,17 @@ param_grad (DfTrainer *t, int i)
   return w->grad != NULL && w->grad_valid ? w->grad : NULL;
 }
 
+/* What to do after a divergence: resume only if there is something to
+ * resume from. */
+static char *
+diverged_hint (DfTrainer *t)
+{
+  if (t->checkpoint != NULL && t->saved_step >= 0)
+    return g_strdup_printf ("resume from the checkpoint %s (step %d)",
+                            t->checkpoint, t->saved_step);
+  return g_strdup ("start again");
+}
+
 gboolean
 df_trainer_step (DfTrainer *t, double *loss, GError **error)
 {
@@ -434,10 +468,13 @@ df_trainer_step (DfTrainer *t, double *loss, GError **error)
                         : df_loss_mse (t->graph, out, t->eps);
   if (!isfinite (value))
     {
+      char *how = diverged_hint (t);
+
       g_set_error (error, DF_TRAIN_ERROR, DF_TRAIN_ERROR_INVALID,
-                   "the loss is %g at step %d: training diverged; resume "
-                   "from the last checkpoint with a lower learning rate or "
-                   "gradient clipping", value, t->step + 1);
+                   "the loss is %g at step %d: training diverged; %s with a "
+                   "lower learning rate or gradient clipping", value,
+                   t->step + 1, how);
+      g_free (how);
       return FALSE;
     }
   df_graph_backward (t->graph);
@@ -459,10 +496,13 @@ df_trainer_step (DfTrainer *t, double *loss, GError **error)
     norm2 += t->chunk_sq[k];
   if (!isfinite (norm2))
     {
+      char *how = diverged_hint (t);
+
       g_set_error (error, DF_TRAIN_ERROR, DF_TRAIN_ERROR_INVALID,
                    "the gradient is not finite at step %d: training "
-                   "diverged; resume from the last checkpoint with a lower "
-                   "learning rate", t->step + 1);
+                   "diverged; %s with a lower learning rate", t->step + 1,
+                   how);
+      g_free (how);
       return FALSE;
     }
   if (o->grad_clip > 0 && sqrt (norm2) > o->grad_clip)
@@ -583,6 +623,8 @@ checkpoint_metadata (DfTrainer *t)
   KV ("train.p_uncond", dtostr (t->uncond >= 0 ? o->p_uncond : 0.0));
   KV ("train.hflip", g_strdup (o->hflip ? "true" : "false"));
   KV ("train.images", g_strdup_printf ("%d", t->data->n));
+  KV ("train.checkpoint_minutes", dtostr (o->checkpoint_minutes));
+  KV ("train.threads", g_strdup_printf ("%d", df_get_threads ()));
 #undef KV
 
   g_ptr_array_add (kv, NULL);
@@ -626,6 +668,8 @@ write_checkpoint (DfTrainer *t, GError **error)
                    t->step, err->message);
       g_error_free (err);
     }
+  else
+    t->saved_step = t->step;
   g_strfreev (names);
   g_strfreev (meta);
   g_free (entries);
@@ -710,6 +754,399 @@ truncate_log (const char *path, int step, GError **error)
   return ok;
 }
 
+/* ---- resuming the same run ---- */
+
+static gboolean
+same_double (double a, double b)
+{
+  return a == b || fabs (a - b) <= 1e-12 * MAX (fabs (a), fabs (b));
+}
+
+/* An option that defines the run differs: what ("--seed is") with this
+ * run's value and the checkpoint's. */
+static gboolean
+refuse (DfTrainer *t, GError **error, const char *what, const char *now,
+        const char *was)
+{
+  g_set_error (error, DF_TRAIN_ERROR, DF_TRAIN_ERROR_CHECKPOINT,
+               "cannot resume from %s: %s %s, the checkpoint ran %s (a "
+               "resumed run keeps what defines it: give the checkpoint's "
+               "value, or start a new --checkpoint)", t->checkpoint, what,
+               now, was);
+  return FALSE;
+}
+
+static gboolean
+json_same (JsonNode *a, JsonNode *b)
+{
+  if (JSON_NODE_TYPE (a) != JSON_NODE_TYPE (b))
+    return FALSE;
+  switch (JSON_NODE_TYPE (a))
+    {
+    case JSON_NODE_NULL:
+      return TRUE;
+    case JSON_NODE_VALUE:
+      {
+        GType ta = json_node_get_value_type (a);
+        GType tb = json_node_get_value_type (b);
+
+        /* 1 and 1.0 are the same number. */
+        if ((ta == G_TYPE_INT64 || ta == G_TYPE_DOUBLE)
+            && (tb == G_TYPE_INT64 || tb == G_TYPE_DOUBLE))
+          return same_double (json_node_get_double (a),
+                              json_node_get_double (b));
+        if (ta != tb)
+          return FALSE;
+        if (ta == G_TYPE_STRING)
+          return g_strcmp0 (json_node_get_string (a),
+                            json_node_get_string (b)) == 0;
+        if (ta == G_TYPE_BOOLEAN)
+          return !json_node_get_boolean (a) == !json_node_get_boolean (b);
+        return FALSE;
+      }
+    case JSON_NODE_ARRAY:
+      {
+        JsonArray *x = json_node_get_array (a), *y = json_node_get_array (b);
+        guint n = json_array_get_length (x);
+
+        if (json_array_get_length (y) != n)
+          return FALSE;
+        for (guint i = 0; i < n; i++)
+          if (!json_same (json_array_get_element (x, i),
+                          json_array_get_element (y, i)))
+            return FALSE;
+        return TRUE;
+      }
+    case JSON_NODE_OBJECT:
+      return json_node_equal (a, b);
+    }
+  return FALSE;
+}
+
+/* A JSON value as the CLI takes it: "32,64,128"; block types (flags) as
+ * --attention's 0 and 1. */
+static char *
+json_show (JsonNode *n, gboolean flags)
+{
+  switch (JSON_NODE_TYPE (n))
+    {
+    case JSON_NODE_NULL:
+      return g_strdup ("null");
+    case JSON_NODE_VALUE:
+      switch (json_node_get_value_type (n))
+        {
+        case G_TYPE_STRING:
+          if (flags)
+            return g_strdup (strstr (json_node_get_string (n), "Attn")
+                             ? "1" : "0");
+          return g_strdup (json_node_get_string (n));
+        case G_TYPE_BOOLEAN:
+          return g_strdup (json_node_get_boolean (n) ? "true" : "false");
+        case G_TYPE_INT64:
+          return g_strdup_printf ("%" G_GINT64_FORMAT, json_node_get_int (n));
+        default:
+          return g_strdup_printf ("%g", json_node_get_double (n));
+        }
+    case JSON_NODE_ARRAY:
+      {
+        JsonArray *a = json_node_get_array (n);
+        GString *s = g_string_new (NULL);
+
+        for (guint i = 0; i < json_array_get_length (a); i++)
+          {
+            char *e = json_show (json_array_get_element (a, i), flags);
+
+            g_string_append_printf (s, "%s%s", i ? "," : "", e);
+            g_free (e);
+          }
+        return g_string_free (s, FALSE);
+      }
+    case JSON_NODE_OBJECT:
+      return json_to_string (n, FALSE);
+    }
+  return g_strdup ("?");
+}
+
+/* The options behind the config's and the schedule's keys. */
+static const char *const key_options[][2] = {
+  { "sample_size", "--size" },
+  { "in_channels", "--image-channels" },
+  { "out_channels", "--image-channels" },
+  { "block_out_channels", "--channels" },
+  { "layers_per_block", "--layers" },
+  { "norm_num_groups", "--groups" },
+  { "attention_head_dim", "--head-dim" },
+  { "down_block_types", "--attention" },
+  { "up_block_types", "--attention" },
+  { "beta_schedule", "--beta-schedule" },
+  { "num_train_timesteps", "--timesteps" },
+};
+
+/* Every key of the checkpoint's JSON object was (metadata item item) that
+ * this run's object now has too must have the same value. */
+static gboolean
+same_object (DfTrainer *t, const char *item, const char *was_text,
+             const char *now_text, GError **error)
+{
+  JsonNode *was = json_from_string (was_text, NULL);
+  JsonNode *now = json_from_string (now_text, NULL);
+  gboolean ok = TRUE;
+
+  /* A checkpoint this trainer wrote has both; a file it cannot read is
+   * not a reason to refuse what the tensors' shapes allow. */
+  if (was != NULL && now != NULL && JSON_NODE_HOLDS_OBJECT (was)
+      && JSON_NODE_HOLDS_OBJECT (now))
+    {
+      JsonObject *wo = json_node_get_object (was);
+      JsonObject *no = json_node_get_object (now);
+      GList *keys = json_object_get_members (wo);
+
+      for (GList *k = keys; k != NULL && ok; k = k->next)
+        {
+          const char *key = k->data, *option = NULL;
+          JsonNode *a = json_object_get_member (wo, key);
+          JsonNode *b = json_object_get_member (no, key);
+          gboolean flags = g_str_has_suffix (key, "_block_types");
+          char *what, *va, *vb;
+
+          if (b == NULL || json_same (a, b))
+            continue;
+          for (gsize i = 0; i < G_N_ELEMENTS (key_options); i++)
+            if (strcmp (key, key_options[i][0]) == 0)
+              option = key_options[i][1];
+          what = option != NULL ? g_strdup_printf ("%s is", option)
+                                : g_strdup_printf ("the %s's %s is", item,
+                                                   key);
+          va = json_show (a, flags);
+          vb = json_show (b, flags);
+          ok = refuse (t, error, what, vb, va);
+          g_free (what);
+          g_free (va);
+          g_free (vb);
+        }
+      g_list_free (keys);
+    }
+  if (was != NULL)
+    json_node_unref (was);
+  if (now != NULL)
+    json_node_unref (now);
+  return ok;
+}
+
+/* Names that are only their indices ("0", "1", ...): an IDX folder whose
+ * path does not say Fashion-MNIST. */
+static gboolean
+index_names (JsonArray *a)
+{
+  for (guint i = 0; i < json_array_get_length (a); i++)
+    {
+      const char *s = json_array_get_string_element (a, i);
+      char num[16];
+
+      g_snprintf (num, sizeof num, "%u", i);
+      if (s == NULL || strcmp (s, num) != 0)
+        return FALSE;
+    }
+  return TRUE;
+}
+
+/* The same classes: as many, and the same names where both sides have
+ * names. */
+static gboolean
+same_classes (DfTrainer *t, const char *was_text, const char *now_text,
+              GError **error)
+{
+  JsonNode *was = json_from_string (was_text, NULL);
+  JsonNode *now = json_from_string (now_text, NULL);
+  gboolean ok = TRUE;
+
+  if (was != NULL && now != NULL && JSON_NODE_HOLDS_ARRAY (was)
+      && JSON_NODE_HOLDS_ARRAY (now))
+    {
+      JsonArray *wa = json_node_get_array (was);
+      JsonArray *na = json_node_get_array (now);
+      guint nw = json_array_get_length (wa), nn = json_array_get_length (na);
+
+      if (nw != nn)
+        {
+          char *a = g_strdup_printf ("%u classes", nn);
+          char *b = g_strdup_printf ("%u", nw);
+
+          ok = refuse (t, error, "--data has", a, b);
+          g_free (a);
+          g_free (b);
+        }
+      else if (!index_names (wa) && !index_names (na))
+        for (guint i = 0; i < nw && ok; i++)
+          {
+            const char *a = json_array_get_string_element (wa, i);
+            const char *b = json_array_get_string_element (na, i);
+
+            if (g_strcmp0 (a, b) != 0)
+              {
+                char *what = g_strdup_printf ("--data's class %u is", i);
+                char *qa = g_strdup_printf ("\"%s\"", a ? a : "");
+                char *qb = g_strdup_printf ("\"%s\"", b ? b : "");
+
+                ok = refuse (t, error, what, qb, qa);
+                g_free (what);
+                g_free (qa);
+                g_free (qb);
+              }
+          }
+    }
+  if (was != NULL)
+    json_node_unref (was);
+  if (now != NULL)
+    json_node_unref (now);
+  return ok;
+}
+
+static const char *
+model_item (char **meta, const char *key)
+{
+  for (char **p = meta; p[0] != NULL && p[1] != NULL; p += 2)
+    if (strcmp (p[0], key) == 0)
+      return p[1];
+  return NULL;
+}
+
+/* Everything that defines the run, from the checkpoint's metadata: the
+ * data, the network (sample_size changes no tensor's shape), the schedule,
+ * the seed, the batch, the flips, p_uncond.  Items the checkpoint lacks
+ * are not checked. */
+static gboolean
+check_same_run (DfTrainer *t, DfSafetensors *st, GError **error)
+{
+  const DfTrainOptions *o = &t->o;
+  char **meta = df_model_metadata (t->model);
+  char now[G_ASCII_DTOSTR_BUF_SIZE + 16];
+  const char *v;
+  gboolean ok = TRUE;
+
+#define GET(key) (v = df_safetensors_get_metadata (st, key))
+
+  if (ok && GET ("train.images")
+      && g_ascii_strtoll (v, NULL, 10) != t->data->n)
+    {
+      g_snprintf (now, sizeof now, "%d images", t->data->n);
+      ok = refuse (t, error, "--data has", now, v);
+    }
+  if (ok && GET ("class_names"))
+    ok = same_classes (t, v, model_item (meta, "class_names"), error);
+  if (ok && GET ("config"))
+    ok = same_object (t, "config", v, model_item (meta, "config"), error);
+  if (ok && GET ("schedule"))
+    ok = same_object (t, "schedule", v, model_item (meta, "schedule"), error);
+  if (ok && GET ("train.seed") && g_ascii_strtoull (v, NULL, 10) != o->seed)
+    {
+      g_snprintf (now, sizeof now, "%" G_GUINT64_FORMAT, o->seed);
+      ok = refuse (t, error, "--seed is", now, v);
+    }
+  if (ok && GET ("train.batch") && g_ascii_strtoll (v, NULL, 10) != o->batch)
+    {
+      g_snprintf (now, sizeof now, "%d", o->batch);
+      ok = refuse (t, error, "--batch is", now, v);
+    }
+  if (ok && GET ("train.hflip")
+      && (strcmp (v, "true") == 0) != (o->hflip != FALSE))
+    ok = refuse (t, error, "--hflip is", o->hflip ? "on" : "off",
+                 strcmp (v, "true") == 0 ? "on" : "off");
+  if (ok && GET ("train.p_uncond"))
+    {
+      /* What the run does: a model without an uncond class drops none. */
+      double was = g_ascii_strtod (v, NULL);
+      double p = t->uncond >= 0 ? o->p_uncond : 0.0;
+
+      if (!same_double (was, p))
+        {
+          char a[32];
+
+          g_snprintf (now, sizeof now, "%g", p);
+          g_snprintf (a, sizeof a, "%g", was);
+          ok = refuse (t, error, "--p-uncond is", now, a);
+        }
+    }
+#undef GET
+
+  g_strfreev (meta);
+  return ok;
+}
+
+static void
+add_change (DfTrainer *t, const char *option, char *was, char *now)
+{
+  DfTrainChange c = { option, was, now };
+
+  g_array_append_val (t->changes, c);
+}
+
+/* The checkpoint's value of a number this run may change. */
+static void
+note_double (DfTrainer *t, DfSafetensors *st, const char *key,
+             const char *option, double now)
+{
+  const char *v = df_safetensors_get_metadata (st, key);
+  double was;
+
+  if (v == NULL)
+    return;
+  was = g_ascii_strtod (v, NULL);
+  if (!same_double (was, now))
+    add_change (t, option, g_strdup_printf ("%g", was),
+                g_strdup_printf ("%g", now));
+}
+
+static void
+note_int (DfTrainer *t, DfSafetensors *st, const char *key,
+          const char *option, int now)
+{
+  const char *v = df_safetensors_get_metadata (st, key);
+
+  if (v != NULL && g_ascii_strtoll (v, NULL, 10) != now)
+    add_change (t, option, g_strdup_printf ("%d",
+                                            (int) g_ascii_strtoll (v, NULL,
+                                                                   10)),
+                g_strdup_printf ("%d", now));
+}
+
+/* What a run may change on resume, for the caller to show. */
+static void
+note_changes (DfTrainer *t, DfSafetensors *st)
+{
+  const DfTrainOptions *o = &t->o;
+  const char *sched = o->lr_schedule == DF_LR_COSINE ? "cosine" : "constant";
+  const char *v;
+
+  clear_changes (t);
+  note_int (t, st, "train.steps", "--steps", o->steps);
+  note_double (t, st, "train.lr", "--lr", o->lr);
+  v = df_safetensors_get_metadata (st, "train.lr_schedule");
+  if (v != NULL && strcmp (v, sched) != 0)
+    add_change (t, "--lr-schedule", g_strdup (v), g_strdup (sched));
+  note_int (t, st, "train.warmup", "--warmup", o->warmup);
+  note_double (t, st, "train.weight_decay", "--weight-decay",
+               o->weight_decay);
+  note_double (t, st, "train.beta1", "Adam's beta1", o->beta1);
+  note_double (t, st, "train.beta2", "Adam's beta2", o->beta2);
+  note_double (t, st, "train.adam_eps", "Adam's epsilon", o->adam_eps);
+  note_double (t, st, "train.ema_decay", "--ema", o->ema_decay);
+  note_double (t, st, "train.grad_clip", "--grad-clip", o->grad_clip);
+  note_double (t, st, "train.checkpoint_minutes", "--checkpoint-minutes",
+               o->checkpoint_minutes);
+  note_int (t, st, "train.threads", "--threads", df_get_threads ());
+}
+
+const DfTrainChange *
+df_trainer_changes (DfTrainer *t, int *n_changes)
+{
+  g_return_val_if_fail (t != NULL, NULL);
+
+  if (n_changes != NULL)
+    *n_changes = t->changes->len;
+  return (const DfTrainChange *) t->changes->data;
+}
+
 gboolean
 df_trainer_resume (DfTrainer *t, gboolean *resumed, GError **error)
 {
@@ -760,6 +1197,11 @@ df_trainer_resume (DfTrainer *t, gboolean *resumed, GError **error)
       df_safetensors_free (st);
       return FALSE;
     }
+  if (!check_same_run (t, st, error))
+    {
+      df_safetensors_free (st);
+      return FALSE;
+    }
 
   /* Weights, EMA and Adam's moments, each checked against the model. */
   state[1] = t->ema;
@@ -793,9 +1235,11 @@ df_trainer_resume (DfTrainer *t, gboolean *resumed, GError **error)
           }
       }
   t->step = step;
+  t->saved_step = step;
   v = df_safetensors_get_metadata (st, "train.smoothed_loss");
   t->smoothed = v != NULL ? g_ascii_strtod (v, NULL) : NAN;
   t->have_smoothed = isfinite (t->smoothed);
+  note_changes (t, st);
   df_safetensors_free (st);
   g_debug ("resumed from %s at step %d", t->checkpoint, t->step);
   if (resumed != NULL)
@@ -922,6 +1366,185 @@ df_trainer_run (DfTrainer *t, DfTrainProgressFunc progress, gpointer data,
   if (log != NULL)
     fclose (log);
   return ok;
+}
+
+/* ---- memory ---- */
+
+/* Parameters of a convolution, a linear layer, a GroupNorm. */
+static double
+conv_p (int ci, int co, int k)
+{
+  return (double) co * ci * k * k + co;
+}
+
+static double
+linear_p (int in, int out)
+{
+  return (double) out * in + out;
+}
+
+static double
+resnet_p (int cin, int cout, int e)
+{
+  double p = 2.0 * cin + conv_p (cin, cout, 3) + linear_p (e, cout)
+             + 2.0 * cout + conv_p (cout, cout, 3);
+
+  return cin != cout ? p + conv_p (cin, cout, 1) : p;
+}
+
+static double
+attn_p (int c)
+{
+  return 2.0 * c + 4 * linear_p (c, c);
+}
+
+/* Floats of the outputs a resnet records for one sample at hw pixels:
+ * norm1 and silu (cin), conv1, + temb, norm2, silu, conv2, the shortcut,
+ * the sum and its rescale (cout); attention: norm, tokens, q, k, v, the
+ * attention, to_out, the image, the sum and its rescale. */
+static double
+resnet_f (int cin, int cout, double hw)
+{
+  return hw * (2.0 * cin + 8.0 * cout);
+}
+
+static double
+attn_f (int c, double hw)
+{
+  return hw * 10.0 * c;
+}
+
+/* Floats of a convolution's scratch at batch b: its padded input and
+ * output gradient in the backward pass, and per run of 16 samples a copy
+ * of its weights (the dW partial sums). */
+static double
+conv_ws (int ci, int co, int k, int s, double b)
+{
+  return (ci + co) * b * (s + 2.0) * (s + 2.0)
+         + (double) ci * co * k * k * ceil (b / 16);
+}
+
+double
+df_train_memory_estimate (const DfUNetConfig *cfg, gboolean classifier,
+                          int batch, double *n_params)
+{
+  const int *boc;
+  int nb, L, e, s, out_ch;
+  double p, f, ws, b = MAX (batch, 1), hw, bytes;
+
+  g_return_val_if_fail (cfg != NULL, 0);
+  g_return_val_if_fail (cfg->n_blocks >= 1 && cfg->n_blocks <= DF_MAX_BLOCKS,
+                        0);
+
+  /* The walk of df_unet_new and df_unet_forward: p parameters, f floats
+   * of recorded outputs per sample, ws the largest scratch. */
+  boc = cfg->block_out_channels;
+  nb = cfg->n_blocks;
+  L = cfg->layers_per_block;
+  e = 4 * boc[0];
+  s = MAX (cfg->sample_size, 1);
+  hw = (double) s * s;
+
+  /* Stem, time and class embeddings. */
+  p = conv_p (cfg->in_channels, boc[0], 3) + linear_p (boc[0], e)
+      + linear_p (e, e) + MAX (cfg->num_class_embeds, 0) * (double) e;
+  f = hw * (cfg->in_channels + boc[0]) + 8.0 * e;
+  ws = conv_ws (cfg->in_channels, boc[0], 3, s, b);
+
+  /* Down blocks. */
+  out_ch = boc[0];
+  for (int i = 0; i < nb; i++)
+    {
+      int in_ch = out_ch;
+
+      out_ch = boc[i];
+      for (int j = 0; j < L; j++)
+        {
+          int cin = j == 0 ? in_ch : out_ch;
+
+          p += resnet_p (cin, out_ch, e);
+          f += resnet_f (cin, out_ch, hw);
+          ws = MAX (ws, conv_ws (cin, out_ch, 3, s, b));
+          ws = MAX (ws, conv_ws (out_ch, out_ch, 3, s, b));
+          if (cfg->down_attention[i])
+            {
+              p += attn_p (out_ch);
+              f += attn_f (out_ch, hw);
+            }
+        }
+      if (i != nb - 1)
+        {
+          p += conv_p (out_ch, out_ch, 3);
+          ws = MAX (ws, conv_ws (out_ch, out_ch, 3, s, b));
+          s /= 2;
+          hw = (double) s * s;
+          f += hw * out_ch;
+        }
+    }
+
+  /* Mid block. */
+  p += 2 * resnet_p (out_ch, out_ch, e);
+  f += 2 * resnet_f (out_ch, out_ch, hw);
+  ws = MAX (ws, conv_ws (out_ch, out_ch, 3, s, b));
+  if (cfg->mid_attention)
+    {
+      p += attn_p (out_ch);
+      f += attn_f (out_ch, hw);
+    }
+
+  if (classifier)
+    {
+      p += 2.0 * out_ch + linear_p (out_ch, MAX (cfg->classifier_classes, 1));
+      f += 2 * hw * out_ch + out_ch;
+    }
+  else
+    {
+      /* Up blocks on the concatenated skips, then the output. */
+      for (int i = 0; i < nb; i++)
+        {
+          int prev = out_ch, in_ch = boc[MAX (nb - 2 - i, 0)];
+
+          out_ch = boc[nb - 1 - i];
+          for (int j = 0; j < L + 1; j++)
+            {
+              int skip = j == L ? in_ch : out_ch;
+              int cin = (j == 0 ? prev : out_ch) + skip;
+
+              f += hw * cin;
+              p += resnet_p (cin, out_ch, e);
+              f += resnet_f (cin, out_ch, hw);
+              ws = MAX (ws, conv_ws (cin, out_ch, 3, s, b));
+              ws = MAX (ws, conv_ws (out_ch, out_ch, 3, s, b));
+              if (cfg->up_attention[i])
+                {
+                  p += attn_p (out_ch);
+                  f += attn_f (out_ch, hw);
+                }
+            }
+          if (i != nb - 1)
+            {
+              p += conv_p (out_ch, out_ch, 3);
+              s *= 2;
+              hw = (double) s * s;
+              f += 2 * hw * out_ch;
+              ws = MAX (ws, conv_ws (out_ch, out_ch, 3, s, b));
+            }
+        }
+      p += 2.0 * boc[0] + conv_p (boc[0], cfg->out_channels, 3);
+      f += hw * (2.0 * boc[0] + cfg->out_channels);
+      ws = MAX (ws, conv_ws (boc[0], cfg->out_channels, 3, s, b));
+    }
+
+  /* Floats: 6 a parameter (weights, grads, Adam's two moments, EMA, the
+   * copy kept while the EMA is saved), every recorded output and its
+   * gradient, the scratch, the batch and its noise; a quarter more for
+   * what this leaves out (allocator slack, saved statistics, per-thread
+   * tiles), and 64 MiB for the program. */
+  hw = (double) MAX (cfg->sample_size, 1) * MAX (cfg->sample_size, 1);
+  bytes = 4.0 * (6 * p + 2 * b * f + ws + 3 * b * cfg->in_channels * hw);
+  if (n_params != NULL)
+    *n_params = p;
+  return 1.25 * bytes + 64.0 * 1024 * 1024;
 }
 
 /* ---- the loss plot ---- */

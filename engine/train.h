@@ -38,7 +38,7 @@ typedef struct {
   double       checkpoint_minutes;
   gboolean     resume;           /* continue from checkpoint if it exists */
   const char  *log_csv;          /* step,loss,smoothed_loss,lr,img_per_s
-                                    appended; or NULL */
+                                    rows, or NULL: see df_trainer_run */
   const char  *output;           /* EMA weights, at checkpoints and the end */
 } DfTrainOptions;
 
@@ -71,8 +71,26 @@ DfTrainer *df_trainer_new       (DfModel *m, const DfDataset *data,
                                  const DfTrainOptions *o, GError **error);
 void       df_trainer_free      (DfTrainer *t);
 /* Load the checkpoint if o->resume and it exists: weights, EMA, Adam's
- * moments and the step. */
+ * moments and the step.  A checkpoint of another run is an error
+ * (DF_TRAIN_ERROR_CHECKPOINT) naming the option, as the CLI spells it, with
+ * the checkpoint's value and this run's: the task, the network (its config,
+ * sample_size included), the noise schedule, the data (image count and class
+ * names), the seed, the batch, the flips and p_uncond.  An item the
+ * checkpoint does not hold (older files) is not checked. */
 gboolean   df_trainer_resume    (DfTrainer *t, gboolean *resumed, GError **error);
+
+/* An option a resumed run changed, one a run may change (the learning rate
+ * and its schedule, warm-up, steps, weight decay, Adam, EMA, clipping,
+ * checkpoint interval, threads).  Values are as a user would type them. */
+typedef struct {
+  const char *option;        /* "--lr", "--steps", ... */
+  char       *checkpoint;    /* the checkpoint's value: "0.001" */
+  char       *value;         /* this run's: "0.0005" */
+} DfTrainChange;
+
+/* The changes found by the last successful df_trainer_resume (none when it
+ * did not resume); owned by t. */
+const DfTrainChange *df_trainer_changes (DfTrainer *t, int *n_changes);
 int        df_trainer_step_index(DfTrainer *t);
 /* One optimiser step; returns the batch loss in *loss. */
 gboolean   df_trainer_step      (DfTrainer *t, double *loss, GError **error);
@@ -83,13 +101,26 @@ gboolean   df_trainer_save_checkpoint (DfTrainer *t, GError **error);
 /* Copy the EMA weights into the model. */
 void       df_trainer_apply_ema (DfTrainer *t);
 /* Steps until o->steps, with checkpoints every o->checkpoint_minutes and
- * at the end, a CSV row and a progress call per step.  The CSV is appended
- * to after dropping its rows past the current step (a resumed run redoes
- * them; a fresh run starts the log again).  Cancelling saves a checkpoint
- * and returns DF_TRAIN_ERROR_CANCELLED. */
+ * at the end, a CSV row and a progress call per step.  The CSV keeps its
+ * rows up to the current step and gets the new ones after them: a resumed
+ * run replaces the rows past its checkpoint's step, a fresh run (step 0)
+ * starts the log again.  Cancelling saves a checkpoint and returns
+ * DF_TRAIN_ERROR_CANCELLED. */
 gboolean   df_trainer_run       (DfTrainer *t, DfTrainProgressFunc progress,
                                  gpointer data, GCancellable *cancellable,
                                  GError **error);
+
+/* Bytes a training step of a network with cfg (a classifier when
+ * classifier) needs at batch images: its weights, gradients, Adam moments,
+ * EMA and a spare copy (6 floats a parameter), the activations and their
+ * gradients of one forward and backward pass, the convolutions' scratch and
+ * the batch buffers, rounded up; the data set is not included.  Computed
+ * from the config alone, so a network too big to allocate can be refused
+ * before it is built; *n_params (if not NULL) gets its parameter count,
+ * df_unet_param_count's value. */
+double     df_train_memory_estimate (const DfUNetConfig *cfg,
+                                     gboolean classifier, int batch,
+                                     double *n_params);
 
 /* Plot a log written by df_trainer_run (smoothed loss against step, log y,
  * raw loss faint behind it) as a PNG. */

@@ -8,12 +8,14 @@
 #include <math.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "blas.h"
 #include "model.h"
 #include "safetensors.h"
+#include "train.h"
 #include "unet.h"
 
 static const char *diffuse;
@@ -23,6 +25,12 @@ static char *rgb_model;     /* 3 x 8 x 8, unconditional */
 static char *truncated_model, *misshaped_model, *missing_model;
 static char *nouncond_model;    /* 1 x 8 x 8, the 3 classes, no uncond */
 static char *gray_classifier;   /* 1 x 8 x 8 noisy classifier, 3 classes */
+static char *fruit_classifier;  /* like it: apple/banana/cherry */
+static char *pair_classifier;   /* like it: circle/square only */
+static char *unnamed_classifier;    /* like it: 3 classes, no names */
+static char *folder_model;      /* like gray: blank/dots/stripes + uncond */
+static char *folder_classifier; /* blank/dots/stripes, the image folders' */
+static char *numeric_model;     /* like gray: classes named 1, 2, 3 */
 static gsize gray_params;
 
 /* ---- running diffuse ---- */
@@ -215,6 +223,38 @@ static char *
 write_model (const char *name, int channels, gboolean conditional)
 {
   return write_model_full (name, channels, conditional, TRUE, FALSE);
+}
+
+/* The network of like (a fixture above) with k other classes: names, or
+ * none (then the file has the indices); a UNet keeps its unconditional
+ * class, after the k. */
+static char *
+write_model_classes (const char *name, const char *like, int k,
+                     const char *const *names)
+{
+  char *path = g_build_filename (fixtures, name, NULL);
+  GError *error = NULL;
+  DfModel *base = df_model_load (like, &error), *m;
+  DfUNetConfig cfg;
+  gboolean classifier, uncond;
+
+  g_assert_no_error (error);
+  cfg = *df_unet_config (df_model_net (base));
+  classifier = df_model_is_classifier (base);
+  uncond = df_model_uncond_class (base) >= 0;
+  if (classifier)
+    cfg.classifier_classes = k;
+  else
+    cfg.num_class_embeds = uncond ? k + 1 : k;
+  m = df_model_new (&cfg, classifier, df_model_schedule (base), names,
+                    uncond ? k : -1, &error);
+  g_assert_no_error (error);
+  df_unet_init (df_model_net (m), 1);
+  df_model_save (m, path, &error);
+  g_assert_no_error (error);
+  df_model_free (m);
+  df_model_free (base);
+  return path;
 }
 
 /* The good file with conv_in.weight's shape changed (same byte count), so
@@ -1239,6 +1279,219 @@ test_generate_no_leak (void)
   g_free (valgrind);
 }
 
+/* ---- generate: classes, the output folder, messages ---- */
+
+/* A classifier of other classes steered towards whatever its logit of that
+ * index meant, and sampling went ahead. */
+static void
+test_generate_classifier_classes (void)
+{
+  char *dir = new_dir ("gen-classifier-classes");
+  char *out = g_build_filename (dir, "out", NULL);
+  Run r;
+
+  /* No --quiet: one line means it stopped before the first step. */
+  r = RUN (GENERATE1, "--model", gray_model, "--count", "1", "--steps", "2",
+           "--class", "circle", "--guidance", "classifier", "--classifier",
+           fruit_classifier, "--out", out);
+  assert_one_line_error (&r, "has classes apple, banana, cherry; the model ");
+  g_assert_nonnull (strstr (r.err, fruit_classifier));
+  g_assert_nonnull (strstr (r.err, "has circle, square, cross"));
+  run_clear (&r);
+
+  /* Fewer classes, the asked one among them: still not the model's. */
+  r = RUN (GENERATE1, "--model", gray_model, "--count", "1", "--steps", "2",
+           "--class", "circle", "--guidance", "classifier", "--classifier",
+           pair_classifier, "--out", out);
+  assert_one_line_error (&r, "has 2 classes (circle, square); the model ");
+  g_assert_nonnull (strstr (r.err, "has 3 (circle, square, cross)"));
+  run_clear (&r);
+  g_assert_cmpint (count_entries (dir), ==, 0);
+
+  /* A classifier without names has only its count to agree on. */
+  r = RUN (GENERATE1, "--model", gray_model, "--count", "1", "--steps", "2",
+           "--class", "square", "--guidance", "classifier", "--classifier",
+           unnamed_classifier, "--out", out, "--quiet");
+  assert_ok (&r);
+  g_assert_cmpint (count_entries (out), ==, 2);
+  run_clear (&r);
+  g_free (out);
+  g_free (dir);
+}
+
+/* An --out that cannot be created was found only after sampling. */
+static void
+test_generate_out_under_a_file (void)
+{
+  char *dir = new_dir ("gen-out-file");
+  char *file = g_build_filename (dir, "file", NULL);
+  char *sub = g_build_filename (file, "sub", NULL);
+  Run r;
+
+  g_assert_true (g_file_set_contents (file, "x", 1, NULL));
+
+  /* Root too: nothing can be created under a regular file.  No --quiet:
+   * one line means no sampling step ran. */
+  r = RUN (GENERATE1, "--model", gray_model, "--count", "1", "--steps", "2",
+           "--out", sub);
+  assert_one_line_error (&r, "--out ");
+  g_assert_nonnull (strstr (r.err, sub));
+  g_assert_nonnull (strstr (r.err, file));
+  g_assert_nonnull (strstr (r.err, "is a file, not a folder"));
+  run_clear (&r);
+  r = RUN (INTERPOLATE1, "--model", gray_model, "--seeds", "1,2",
+           "--frames", "2", "--steps", "2", "--out", sub);
+  assert_one_line_error (&r, "is a file, not a folder");
+  run_clear (&r);
+  r = RUN (GENERATE1, "--model", gray_model, "--count", "1", "--steps", "2",
+           "--out", file);
+  assert_one_line_error (&r, "is a file, not a folder: give a folder");
+  run_clear (&r);
+
+  g_assert_cmpint (count_entries (dir), ==, 1);
+  g_free (sub);
+  g_free (file);
+  g_free (dir);
+}
+
+static void
+test_generate_out_read_only (void)
+{
+  char *dir = new_dir ("gen-out-read-only");
+  char *sub = g_build_filename (dir, "sub", NULL);
+  Run r;
+
+  g_assert_cmpint (g_chmod (dir, 0555), ==, 0);
+  if (g_access (dir, W_OK) == 0)
+    {
+      /* Root writes there anyway; out-under-a-file covers root. */
+      g_chmod (dir, 0755);
+      g_test_skip ("chmod does not stop this user's writes (root)");
+      g_free (sub);
+      g_free (dir);
+      return;
+    }
+  r = RUN (GENERATE1, "--model", gray_model, "--count", "1", "--steps", "2",
+           "--out", dir);
+  assert_one_line_error (&r, "cannot write in this folder");
+  g_assert_nonnull (strstr (r.err, dir));
+  run_clear (&r);
+  r = RUN (GENERATE1, "--model", gray_model, "--count", "1", "--steps", "2",
+           "--out", sub);
+  assert_one_line_error (&r, "cannot create it in");
+  g_assert_nonnull (strstr (r.err, sub));
+  run_clear (&r);
+  g_assert_cmpint (g_chmod (dir, 0755), ==, 0);
+  g_assert_cmpint (count_entries (dir), ==, 0);
+  g_free (sub);
+  g_free (dir);
+}
+
+/* One image was "wrote DIR/0000.png to DIR/0000.png". */
+static void
+test_generate_wrote_message (void)
+{
+  char *dir = new_dir ("gen-wrote");
+  char *want;
+  Run r;
+
+  r = RUN (GENERATE1, "--model", gray_model, "--count", "1", "--steps", "1",
+           "--out", dir, "--quiet");
+  assert_ok (&r);
+  want = g_strdup_printf ("generate: wrote %s/0000.png and %s/grid.png\n",
+                          dir, dir);
+  g_assert_cmpstr (r.out, ==, want);
+  g_free (want);
+  run_clear (&r);
+
+  r = RUN (GENERATE1, "--model", gray_model, "--count", "3", "--steps", "1",
+           "--out", dir, "--quiet");
+  assert_ok (&r);
+  want = g_strdup_printf ("generate: wrote %s/0000.png to %s/0002.png and "
+                          "%s/grid.png\n", dir, dir, dir);
+  g_assert_cmpstr (r.out, ==, want);
+  g_free (want);
+  run_clear (&r);
+  g_free (dir);
+}
+
+/* The --help line of option in out, or NULL. */
+static char *
+help_line (const char *out, const char *option)
+{
+  const char *at = strstr (out, option), *end;
+
+  if (at == NULL)
+    return NULL;
+  end = strchr (at, '\n');
+  return g_strndup (at, end ? (gsize) (end - at) : strlen (at));
+}
+
+/* generate takes --batch 0 as automatic where train and eval refuse it:
+ * the help said only "default: up to 16". */
+static void
+test_generate_help_batch_zero (void)
+{
+  const char *cmds[] = { "generate", "interpolate" };
+
+  for (gsize i = 0; i < G_N_ELEMENTS (cmds); i++)
+    {
+      Run r = RUN (cmds[i], "--help");
+      char *line;
+
+      assert_ok (&r);
+      line = help_line (r.out, "--batch");
+      g_test_message ("%s", line);
+      g_assert_nonnull (line);
+      g_assert_nonnull (strstr (line, "default 0: automatic"));
+      g_free (line);
+      run_clear (&r);
+    }
+}
+
+/* Class folders named 1, 2, 3: --class 1 is the class named "1" (index
+ * 0), and the help says a name comes first. */
+static void
+test_generate_numeric_class_names (void)
+{
+  const char *cmds[] = { "generate", "interpolate", "eps" };
+  char *a = new_dir ("numeric-name"), *b = new_dir ("numeric-index");
+  char *c = new_dir ("numeric-three");
+  Run r;
+
+  for (gsize i = 0; i < G_N_ELEMENTS (cmds); i++)
+    {
+      r = RUN (cmds[i], "--help");
+      assert_ok (&r);
+      g_assert_nonnull (strstr (r.out, "a name is matched first, then an "
+                                "index"));
+      run_clear (&r);
+    }
+
+  r = RUN (GENERATE1, "--model", numeric_model, "--steps", "3", "--count",
+           "1", "--class", "1", "--out", a, "--quiet");
+  assert_ok (&r);
+  run_clear (&r);
+  r = RUN (GENERATE1, "--model", numeric_model, "--steps", "3", "--count",
+           "1", "--class", "0", "--out", b, "--quiet");
+  assert_ok (&r);
+  run_clear (&r);
+  assert_same_file (a, b, "0000.png");
+
+  /* "3" is a name here, though index 3 would be out of range. */
+  r = RUN (GENERATE1, "--model", numeric_model, "--steps", "3", "--count",
+           "1", "--class", "3", "--out", c, "--quiet");
+  assert_ok (&r);
+  run_clear (&r);
+  r = RUN (GENERATE1, "--model", numeric_model, "--steps", "3", "--count",
+           "1", "--class", "4", "--out", c, "--quiet");
+  assert_one_line_error (&r, "--class 4 is out of range");
+  run_clear (&r);
+  g_free (a);
+  g_free (b);
+  g_free (c);
+}
+
 /* ---- schedule ---- */
 
 /* The model's schedule has its own T: -T beside --model did nothing. */
@@ -1336,6 +1589,26 @@ test_eps_output_names_the_file (void)
   g_free (missing);
   g_free (folder);
   g_free (toolong);
+  g_free (dir);
+}
+
+/* A write failing at the end named GLib's temporary file, 0000.png.XXXXXX:
+ * here the rename onto a folder 0000.png fails. */
+static void
+test_generate_write_error_names_the_file (void)
+{
+  char *dir = new_dir ("gen-write");
+  char *blocker = g_build_filename (dir, "0000.png", NULL);
+  Run r;
+
+  g_assert_cmpint (g_mkdir (blocker, 0755), ==, 0);
+  r = RUN (GENERATE1, "--model", gray_model, "--count", "2", "--steps", "1",
+           "--out", dir, "--quiet");
+  assert_names_file (&r, blocker);
+  g_assert_nonnull (strstr (r.err, "writing the results: "));
+  g_assert_cmpint (count_entries (dir), ==, 1);
+  run_clear (&r);
+  g_free (blocker);
   g_free (dir);
 }
 
@@ -1569,6 +1842,426 @@ test_train_resume_nothing_to_train (void)
   g_free (dir);
 }
 
+/* ---- train: resuming, output files, sizes, options, help ---- */
+
+/* diffuse train TINY_NET on data with a checkpoint, --resume, and up to
+ * three more arguments (NULL ends them). */
+static Run
+run_resume (const char *data, const char *ckpt, const char *out,
+            const char *steps, gboolean quiet, const char *a, const char *b,
+            const char *c)
+{
+  const char *args[40] = { TRAIN1, "--data", data, TINY_NET, "--steps", steps,
+                           "--checkpoint", ckpt, "--resume", "--out", out };
+  int n = 0;
+
+  while (args[n] != NULL)
+    n++;
+  if (quiet)
+    args[n++] = "--quiet";
+  if (a)
+    args[n++] = a;
+  if (a && b)
+    args[n++] = b;
+  if (a && b && c)
+    args[n++] = c;
+  args[n] = NULL;
+  return run_argv (args);
+}
+
+/* A checkpoint of another run (seed, image size, schedule, data...) was
+ * resumed as long as the tensors had the same shapes. */
+static void
+test_train_resume_refuses_another_run (void)
+{
+  const char *cases[][3] = {
+    { "--seed", "3", "--seed is 3, the checkpoint ran 0" },
+    { "--size", "16", "--size is 16, the checkpoint ran 8" },
+    { "--hflip", NULL, "--hflip is on, the checkpoint ran off" },
+    { "--batch", "3", "--batch is 3, the checkpoint ran 2" },
+    { "--p-uncond", "0.2", "--p-uncond is 0.2, the checkpoint ran 0.1" },
+    { "--timesteps", "500", "--timesteps is 500, the checkpoint ran 1000" },
+    { "--beta-schedule", "cosine", "--beta-schedule is squaredcos_cap_v2, "
+      "the checkpoint ran linear" },
+  };
+  char *data = write_image_folder ();
+  char *other = write_image_folder_named ("images-other", 2, 0);
+  char *dir = new_dir ("train-other-run");
+  char *out = g_build_filename (dir, "w.safetensors", NULL);
+  char *ckpt = g_build_filename (dir, "w.ckpt", NULL);
+  GBytes *ck_before, *out_before, *after;
+  Run r;
+
+  r = run_resume (data, ckpt, out, "1", TRUE, NULL, NULL, NULL);
+  assert_ok (&r);
+  run_clear (&r);
+  ck_before = read_file (dir, "w.ckpt");
+  out_before = read_file (dir, "w.safetensors");
+
+  for (gsize i = 0; i < G_N_ELEMENTS (cases); i++)
+    {
+      r = run_resume (data, ckpt, out, "2", TRUE, cases[i][0], cases[i][1],
+                      NULL);
+      assert_one_line_error (&r, cases[i][2]);
+      g_assert_nonnull (strstr (r.err, ckpt));
+      run_clear (&r);
+    }
+  r = run_resume (other, ckpt, out, "2", TRUE, NULL, NULL, NULL);
+  assert_one_line_error (&r, "--data has 6 images, the checkpoint ran 12");
+  run_clear (&r);
+
+  /* Nothing written. */
+  g_assert_cmpint (count_entries (dir), ==, 2);
+  after = read_file (dir, "w.ckpt");
+  g_assert_true (g_bytes_equal (ck_before, after));
+  g_bytes_unref (after);
+  after = read_file (dir, "w.safetensors");
+  g_assert_true (g_bytes_equal (out_before, after));
+  g_bytes_unref (after);
+
+  /* The same run goes on. */
+  r = run_resume (data, ckpt, out, "2", TRUE, NULL, NULL, NULL);
+  assert_ok (&r);
+  run_clear (&r);
+  g_bytes_unref (ck_before);
+  g_bytes_unref (out_before);
+  g_free (data);
+  g_free (other);
+  g_free (out);
+  g_free (ckpt);
+  g_free (dir);
+}
+
+/* Options a run may change on resume changed without a word. */
+static void
+test_train_resume_reports_changes (void)
+{
+  char *data = write_image_folder ();
+  char *dir = new_dir ("train-resume-changes");
+  char *out = g_build_filename (dir, "w.safetensors", NULL);
+  char *ckpt = g_build_filename (dir, "w.ckpt", NULL);
+  Run r;
+
+  r = run_resume (data, ckpt, out, "2", TRUE, NULL, NULL, NULL);
+  assert_ok (&r);
+  run_clear (&r);
+
+  r = run_resume (data, ckpt, out, "3", FALSE, "--lr", "5e-4", NULL);
+  assert_ok (&r);
+  g_test_message ("%s", r.err);
+  g_assert_nonnull (strstr (r.err, "train: resuming with --lr 0.0005 (the "
+                            "checkpoint ran 0.0002)\n"));
+  g_assert_nonnull (strstr (r.err, "train: resuming with --steps 3 (the "
+                            "checkpoint ran 2)\n"));
+  g_assert_nonnull (strstr (r.err, "resumed at step 2\n"));
+  run_clear (&r);
+
+  /* Not with --quiet. */
+  r = run_resume (data, ckpt, out, "4", TRUE, "--lr", "1e-4", NULL);
+  assert_ok (&r);
+  g_assert_null (strstr (r.err, "resuming with"));
+  run_clear (&r);
+  g_free (data);
+  g_free (out);
+  g_free (ckpt);
+  g_free (dir);
+}
+
+/* --resume with a checkpoint path that does not exist (a typo) started
+ * from step 0 without a word. */
+static void
+test_train_resume_no_checkpoint_yet (void)
+{
+  char *data = write_image_folder ();
+  char *dir = new_dir ("train-resume-new");
+  char *out = g_build_filename (dir, "w.safetensors", NULL);
+  char *ckpt = g_build_filename (dir, "w.ckpt", NULL);
+  char *expect = g_strdup_printf ("train: no checkpoint at %s yet: starting "
+                                  "at step 0\n", ckpt);
+  Run r;
+
+  r = run_resume (data, ckpt, out, "1", FALSE, NULL, NULL, NULL);
+  assert_ok (&r);
+  g_assert_nonnull (strstr (r.err, expect));
+  run_clear (&r);
+
+  /* Now there is one; and --quiet says nothing. */
+  r = run_resume (data, ckpt, out, "2", FALSE, NULL, NULL, NULL);
+  assert_ok (&r);
+  g_assert_null (strstr (r.err, "no checkpoint"));
+  run_clear (&r);
+  g_remove (ckpt);
+  r = run_resume (data, ckpt, out, "1", TRUE, NULL, NULL, NULL);
+  assert_ok (&r);
+  g_assert_cmpstr (r.err, ==, "");
+  run_clear (&r);
+  g_free (expect);
+  g_free (data);
+  g_free (out);
+  g_free (ckpt);
+  g_free (dir);
+}
+
+/* Two outputs on one file overwrote each other: the same name, written
+ * two ways, through a linked folder or a hard link. */
+static void
+test_train_outputs_distinct (void)
+{
+  char *data = write_image_folder ();
+  char *dir = new_dir ("train-same-file");
+  char *sub = g_build_filename (dir, "sub", NULL);
+  char *linked = g_build_filename (dir, "link", NULL);
+  char *w = g_build_filename (dir, "w.safetensors", NULL);
+  char *w_dot = g_build_filename (dir, ".", "w.safetensors", NULL);
+  char *w_link = g_build_filename (linked, "w.safetensors", NULL);
+  char *csv = g_build_filename (dir, "loss.csv", NULL);
+  char *csv_up = g_build_filename (sub, "..", "loss.csv", NULL);
+  char *hard = g_build_filename (dir, "hard.csv", NULL);
+  const char *cases[][4] = {
+    { "--log", w, "--out", w },
+    { "--checkpoint", w_dot, "--out", w },
+    { "--checkpoint", w_link, "--out", w },
+    { "--plot", csv_up, "--log", csv },
+    { "--plot", hard, "--log", csv },
+  };
+  Run r;
+
+  g_assert_cmpint (g_mkdir (sub, 0755), ==, 0);
+  g_assert_cmpint (symlink (dir, linked), ==, 0);
+  g_assert_true (g_file_set_contents (csv, "", 0, NULL));
+  g_assert_cmpint (link (csv, hard), ==, 0);
+  for (gsize i = 0; i < G_N_ELEMENTS (cases); i++)
+    {
+      const char *out = strcmp (cases[i][2], "--out") == 0 ? cases[i][3] : w;
+      const char *log = strcmp (cases[i][2], "--log") == 0 ? cases[i][3]
+                        : NULL;
+      const char *args[32] = { TRAIN1, "--data", data, TINY_NET, "--steps",
+                               "1", "--quiet", "--out", out, cases[i][0],
+                               cases[i][1] };
+      int n = 0;
+
+      while (args[n] != NULL)
+        n++;
+      if (log)
+        {
+          args[n++] = "--log";
+          args[n++] = log;
+        }
+      r = run_argv (args);
+      assert_one_line_error (&r, "are the same file");
+      g_assert_nonnull (strstr (r.err, cases[i][0]));
+      g_assert_nonnull (strstr (r.err, cases[i][2]));
+      run_clear (&r);
+    }
+
+  /* Nothing written: sub, link, loss.csv and hard.csv as before. */
+  g_assert_cmpint (count_entries (dir), ==, 4);
+  g_free (data);
+  g_free (sub);
+  g_free (linked);
+  g_free (w);
+  g_free (w_dot);
+  g_free (w_link);
+  g_free (csv);
+  g_free (csv_up);
+  g_free (hard);
+  g_free (dir);
+}
+
+static void
+limit_address_space (gpointer data)
+{
+  struct rlimit rl;
+
+  getrlimit (RLIMIT_AS, &rl);
+  rl.rlim_cur = *(rlim_t *) data;
+  setrlimit (RLIMIT_AS, &rl);
+}
+
+/* Sizes that need more memory than there is aborted inside GLib ("failed
+ * to allocate 160000000000 bytes", SIGTRAP): now bounds, or an estimate
+ * before anything is allocated. */
+static void
+test_train_too_big (void)
+{
+  const char *cases[][3] = {
+    { "--channels", "100000,32", "--channels 100000,32: 100000 is too many" },
+    { "--batch", "100000000", "--batch: give at most 65536" },
+    { "--size", "100000", "--size 100000: give at most 4096" },
+    { "--channels", "16384,16384", "train: this network at batch 64 needs "
+      "about " },
+    { "--batch", "65536", "train: this network at batch 65536 needs about " },
+    { "--size", "4096", "train: this network at batch 64 needs about " },
+  };
+  char *data = write_image_folder ();
+  char *dir = new_dir ("train-too-big");
+  char *out = g_build_filename (dir, "w.safetensors", NULL);
+  const char *args[] = { diffuse, TRAIN1, "--data", data, "--size", "64",
+                         "--steps", "1", "--out", out, "--quiet", NULL };
+  double phys = (double) sysconf (_SC_PHYS_PAGES) * sysconf (_SC_PAGESIZE);
+  rlim_t two_gib = (rlim_t) 2 << 30;
+  GError *error = NULL;
+  int wait;
+  Run r = { -1, NULL, NULL };
+
+  for (gsize i = 0; i < G_N_ELEMENTS (cases); i++)
+    {
+      r = RUN (TRAIN1, "--data", data, cases[i][0], cases[i][1], "--steps",
+               "1", "--out", out, "--quiet");
+      assert_one_line_error (&r, cases[i][2]);
+      if (i >= 3)
+        g_assert_nonnull (strstr (r.err, " GiB (use a smaller --batch, "
+                                  "--size or --channels)"));
+      run_clear (&r);
+    }
+
+  /* Under ulimit -v 2 GiB: 64 x 64 at batch 64 needs about 7.6 GiB. */
+  if (!g_spawn_sync (NULL, (char **) args, NULL, G_SPAWN_DEFAULT,
+                     limit_address_space, &two_gib, &r.out, &r.err, &wait,
+                     &error))
+    g_error ("cannot run %s: %s", diffuse, error->message);
+  r.status = WIFEXITED (wait) ? WEXITSTATUS (wait) : -1;
+  assert_one_line_error (&r, "train: this network at batch 64 needs about ");
+  if (phys > 16.0 * (1 << 30))
+    g_assert_nonnull (strstr (r.err, "the address-space limit (ulimit -v) "
+                              "leaves "));
+  run_clear (&r);
+  g_assert_cmpint (count_entries (dir), ==, 0);
+  g_free (data);
+  g_free (out);
+  g_free (dir);
+}
+
+/* --checkpoint-minutes without --checkpoint, and a weight decay that is
+ * not finite (it diverged at step 2, saying to resume from a checkpoint
+ * that did not exist), were taken. */
+static void
+test_train_minutes_and_weight_decay (void)
+{
+  const char *cases[][3] = {
+    { "--checkpoint-minutes", "5", "--checkpoint-minutes sets how often "
+      "--checkpoint is written: give --checkpoint PATH too" },
+    { "--weight-decay", "inf", "--weight-decay: give a finite weight decay" },
+    { "--weight-decay", "nan", "--weight-decay: give a finite weight decay" },
+    { "--weight-decay", "-0.5", "--weight-decay: give a finite weight decay" },
+    { "--weight-decay", "1e4", "--weight-decay: with this --lr it would "
+      "shrink the weights" },
+  };
+  char *data = write_image_folder ();
+  char *dir = new_dir ("train-minutes");
+  char *out = g_build_filename (dir, "w.safetensors", NULL);
+  Run r;
+
+  for (gsize i = 0; i < G_N_ELEMENTS (cases); i++)
+    {
+      r = RUN (TRAIN1, "--data", data, TINY_NET, "--steps", "2", "--out", out,
+               "--quiet", cases[i][0], cases[i][1]);
+      assert_one_line_error (&r, cases[i][2]);
+      run_clear (&r);
+    }
+  g_assert_cmpint (count_entries (dir), ==, 0);
+  g_free (data);
+  g_free (out);
+  g_free (dir);
+}
+
+/* The line of train --help that shows option ("--lr="). */
+static char *
+train_help_line (const char *help, const char *option)
+{
+  char **lines = g_strsplit (help, "\n", -1);
+  char *found = NULL;
+
+  for (int i = 0; lines[i] != NULL && found == NULL; i++)
+    if (strstr (lines[i], option) != NULL)
+      found = g_strdup (lines[i]);
+  g_strfreev (lines);
+  g_assert_nonnull (found);
+  return found;
+}
+
+/* --help left out most defaults, said "default 0,0,1" for --attention
+ * (the default is the last block, however many there are) and "Append"
+ * for --log (a fresh run empties it). */
+static void
+test_train_help_defaults (void)
+{
+  DfTrainOptions d;
+  char *expect[11][2];
+  char *line;
+  Run r = RUN ("train", "--help");
+
+  assert_ok (&r);
+  df_train_options_init (&d);
+  expect[0][0] = g_strdup ("--steps=");
+  expect[0][1] = g_strdup_printf ("(default %d)", d.steps);
+  expect[1][0] = g_strdup ("--batch=");
+  expect[1][1] = g_strdup_printf ("(default %d)", d.batch);
+  expect[2][0] = g_strdup ("--lr=");
+  expect[2][1] = g_strdup_printf ("(default %g)", d.lr);
+  expect[3][0] = g_strdup ("--warmup=");
+  expect[3][1] = g_strdup_printf ("(default %d)", d.warmup);
+  expect[4][0] = g_strdup ("--lr-schedule=");
+  expect[4][1] = g_strdup (d.lr_schedule == DF_LR_COSINE
+                           ? "(default cosine)" : "(default constant)");
+  expect[5][0] = g_strdup ("--ema=");
+  expect[5][1] = g_strdup_printf ("(default %g)", d.ema_decay);
+  expect[6][0] = g_strdup ("--grad-clip=");
+  expect[6][1] = g_strdup_printf ("default %g)", d.grad_clip);
+  expect[7][0] = g_strdup ("--p-uncond=");
+  expect[7][1] = g_strdup_printf ("(default %g)", d.p_uncond);
+  expect[8][0] = g_strdup ("--seed=");
+  expect[8][1] = g_strdup_printf ("(default %" G_GUINT64_FORMAT ")", d.seed);
+  expect[9][0] = g_strdup ("--weight-decay=");
+  expect[9][1] = g_strdup_printf ("(default %g)", d.weight_decay);
+  expect[10][0] = g_strdup ("--checkpoint-minutes=");
+  expect[10][1] = g_strdup_printf ("(default %g;", d.checkpoint_minutes);
+  for (int i = 0; i < 11; i++)
+    {
+      line = train_help_line (r.out, expect[i][0]);
+      g_test_message ("%s", line);
+      g_assert_nonnull (strstr (line, expect[i][1]));
+      g_free (line);
+      g_free (expect[i][0]);
+      g_free (expect[i][1]);
+    }
+  line = train_help_line (r.out, "--attention=");
+  g_assert_null (strstr (line, "(default 0,0,1)"));
+  g_assert_nonnull (strstr (line, "last block only"));
+  g_free (line);
+  line = train_help_line (r.out, "--log=");
+  g_assert_null (strstr (line, "Append"));
+  g_assert_nonnull (strstr (line, "a fresh run starts it anew"));
+  g_free (line);
+  run_clear (&r);
+}
+
+/* "1 classes" in the banner. */
+static void
+test_train_banner_one_class (void)
+{
+  char *data = write_image_folder ();
+  char *one = g_build_filename (data, "dots", NULL);
+  char *dir = new_dir ("train-one-class");
+  char *out = g_build_filename (dir, "w.safetensors", NULL);
+  Run r = RUN (TRAIN1, "--data", one, TINY_NET, "--steps", "1", "--out",
+               out);
+
+  assert_ok (&r);
+  g_test_message ("%s", r.err);
+  g_assert_nonnull (strstr (r.err, " parameters, 4 images of 3 x 8 x 8, "
+                            "1 class\n"));
+  run_clear (&r);
+  r = RUN (TRAIN1, "--data", data, TINY_NET, "--steps", "1", "--out", out);
+  assert_ok (&r);
+  g_assert_nonnull (strstr (r.err, ", 12 images of 3 x 8 x 8, 3 classes\n"));
+  run_clear (&r);
+  g_free (data);
+  g_free (one);
+  g_free (out);
+  g_free (dir);
+}
+
 /* ---- eval: the test set and the counts ---- */
 
 /* eval on the fixtures: 12 training images (4 a class), and 6 test images
@@ -1576,8 +2269,8 @@ test_train_resume_nothing_to_train (void)
 static Run
 run_eval (const char *data, const char *test, const char *a, const char *b)
 {
-  const char *args[24] = { EVAL1, "--model", gray_model, "--classifier",
-                           gray_classifier, "--data", data, "--count", "6",
+  const char *args[24] = { EVAL1, "--model", folder_model, "--classifier",
+                           folder_classifier, "--data", data, "--count", "6",
                            "--steps", "1", "--quiet" };
   int n = 14;
 
@@ -1718,6 +2411,106 @@ test_eval_counts_above_data (void)
   g_free (idx);
 }
 
+/* ---- eval: classes ---- */
+
+/* The accuracy was counted against a classifier of other classes. */
+static void
+test_eval_classifier_classes (void)
+{
+  char *idx = write_idx_folder (12, 6);
+  Run r;
+
+  r = RUN (EVAL1, "--model", folder_model, "--classifier", fruit_classifier,
+           "--data", idx, "--count", "6", "--steps", "1");
+  assert_one_line_error (&r, "--classifier ");
+  g_assert_nonnull (strstr (r.err, "has classes apple, banana, cherry; the "
+                            "model "));
+  g_assert_nonnull (strstr (r.err, "has blank, dots, stripes"));
+  g_assert_cmpstr (r.out, ==, "");
+  run_clear (&r);
+  r = RUN (EVAL1, "--model", folder_model, "--classifier", pair_classifier,
+           "--data", idx, "--count", "6", "--steps", "1");
+  assert_one_line_error (&r, "has 2 classes (circle, square); the model ");
+  run_clear (&r);
+  g_free (idx);
+}
+
+/* A test folder of other class folders, or of one, was compared as if it
+ * held the model's classes. */
+static void
+test_eval_test_data_classes (void)
+{
+  char *data = write_image_folder ();
+  char *other = write_image_folder_named ("images-other", 2, 4);
+  char *single = write_image_folder_named ("images-single", 2, 4);
+  char *from = g_build_filename (other, "dots", NULL);
+  char *to = g_build_filename (other, "spots", NULL);
+  char *cmd = g_strdup_printf ("rm -rf '%s/blank' '%s/stripes'", single,
+                               single);
+  char *want;
+  Run r;
+
+  g_assert_cmpint (g_rename (from, to), ==, 0);
+  g_assert_cmpint (system (cmd), ==, 0);
+
+  /* No --quiet: one line means no sampling step ran. */
+  r = RUN (EVAL1, "--model", folder_model, "--classifier", folder_classifier,
+           "--data", data, "--test-data", other, "--count", "6", "--steps",
+           "1");
+  want = g_strdup_printf ("--test-data %s has classes blank, spots, stripes; "
+                          "the model %s has blank, dots, stripes", other,
+                          folder_model);
+  assert_one_line_error (&r, want);
+  g_assert_cmpstr (r.out, ==, "");
+  g_free (want);
+  run_clear (&r);
+
+  r = run_eval (data, single, NULL, NULL);
+  want = g_strdup_printf ("--test-data %s has 1 class (dots); the model %s "
+                          "has 3 (blank, dots, stripes)", single,
+                          folder_model);
+  assert_one_line_error (&r, want);
+  g_free (want);
+  run_clear (&r);
+
+  /* The training images of the floor too. */
+  r = run_eval (other, data, NULL, NULL);
+  assert_one_line_error (&r, "--data ");
+  g_assert_nonnull (strstr (r.err, "has classes blank, spots, stripes"));
+  run_clear (&r);
+  g_free (cmd);
+  g_free (from);
+  g_free (to);
+  g_free (single);
+  g_free (other);
+  g_free (data);
+}
+
+/* --count below the number of classes printed "2 stripes 0.00% of 0". */
+static void
+test_eval_count_below_classes (void)
+{
+  char *data = write_image_folder ();
+  char *test = write_image_folder_named ("images-test", 2, 4);
+  Run r;
+
+  r = run_eval (data, test, "--count", "2");
+  assert_one_line_error (&r, "--count 2 is fewer than the 3 classes of ");
+  g_assert_nonnull (strstr (r.err, "give at least 3"));
+  g_assert_cmpstr (r.out, ==, "");
+  run_clear (&r);
+
+  /* One a class is enough, and no row is "of 0". */
+  r = run_eval (data, test, "--count", "3");
+  assert_ok (&r);
+  g_test_message ("%s", r.out);
+  g_assert_nonnull (strstr (r.out, "samples: 3 over 3 classes"));
+  g_assert_null (strstr (r.out, " of 0\n"));
+  run_clear (&r);
+  g_free (test);
+  g_free (data);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -1744,6 +2537,25 @@ main (int argc, char **argv)
                                      FALSE);
   gray_classifier = write_model_full ("classifier.safetensors", 1, FALSE,
                                       FALSE, TRUE);
+  {
+    const char *fruit[] = { "apple", "banana", "cherry", NULL };
+    const char *pair[] = { "circle", "square", NULL };
+    const char *folders[] = { "blank", "dots", "stripes", NULL };
+    const char *numbers[] = { "1", "2", "3", NULL };
+
+    fruit_classifier = write_model_classes ("fruit.safetensors",
+                                            gray_classifier, 3, fruit);
+    pair_classifier = write_model_classes ("pair.safetensors",
+                                           gray_classifier, 2, pair);
+    unnamed_classifier = write_model_classes ("unnamed.safetensors",
+                                              gray_classifier, 3, NULL);
+    folder_model = write_model_classes ("folder.safetensors", gray_model, 3,
+                                        folders);
+    folder_classifier = write_model_classes ("folder-classifier.safetensors",
+                                             gray_classifier, 3, folders);
+    numeric_model = write_model_classes ("numeric.safetensors", gray_model,
+                                         3, numbers);
+  }
 
   g_test_add_func ("/engine/cli/usage", test_usage);
   g_test_add_func ("/engine/cli/no-command-fails", test_no_command);
@@ -1761,6 +2573,20 @@ main (int argc, char **argv)
                    test_generate_explicit_options);
   g_test_add_func ("/engine/cli/generate/no-leak-under-valgrind",
                    test_generate_no_leak);
+  g_test_add_func ("/engine/cli/generate/classifier-classes-must-match",
+                   test_generate_classifier_classes);
+  g_test_add_func ("/engine/cli/generate/out-under-a-file-checked-first",
+                   test_generate_out_under_a_file);
+  g_test_add_func ("/engine/cli/generate/out-read-only-checked-first",
+                   test_generate_out_read_only);
+  g_test_add_func ("/engine/cli/generate/write-error-names-the-file",
+                   test_generate_write_error_names_the_file);
+  g_test_add_func ("/engine/cli/generate/wrote-message",
+                   test_generate_wrote_message);
+  g_test_add_func ("/engine/cli/generate/help-batch-zero-automatic",
+                   test_generate_help_batch_zero);
+  g_test_add_func ("/engine/cli/generate/numeric-class-names",
+                   test_generate_numeric_class_names);
   g_test_add_func ("/engine/cli/interpolate/ends-are-the-seeds",
                    test_interpolate_ends);
   g_test_add_func ("/engine/cli/info", test_info);
@@ -1787,10 +2613,32 @@ main (int argc, char **argv)
                    test_train_empty_class_folder);
   g_test_add_func ("/engine/cli/train/resume-nothing-to-train",
                    test_train_resume_nothing_to_train);
+  g_test_add_func ("/engine/cli/train/resume-refuses-another-run",
+                   test_train_resume_refuses_another_run);
+  g_test_add_func ("/engine/cli/train/resume-reports-changes",
+                   test_train_resume_reports_changes);
+  g_test_add_func ("/engine/cli/train/resume-no-checkpoint-yet",
+                   test_train_resume_no_checkpoint_yet);
+  g_test_add_func ("/engine/cli/train/output-files-distinct",
+                   test_train_outputs_distinct);
+  g_test_add_func ("/engine/cli/train/too-big-refused-first",
+                   test_train_too_big);
+  g_test_add_func ("/engine/cli/train/checkpoint-minutes-and-weight-decay",
+                   test_train_minutes_and_weight_decay);
+  g_test_add_func ("/engine/cli/train/help-shows-defaults",
+                   test_train_help_defaults);
+  g_test_add_func ("/engine/cli/train/banner-one-class",
+                   test_train_banner_one_class);
   g_test_add_func ("/engine/cli/eval/folder-needs-test-data",
                    test_eval_folder_needs_test_data);
   g_test_add_func ("/engine/cli/eval/counts-above-data",
                    test_eval_counts_above_data);
+  g_test_add_func ("/engine/cli/eval/classifier-classes-must-match",
+                   test_eval_classifier_classes);
+  g_test_add_func ("/engine/cli/eval/test-data-classes-must-match",
+                   test_eval_test_data_classes);
+  g_test_add_func ("/engine/cli/eval/count-below-classes",
+                   test_eval_count_below_classes);
   g_test_add_func ("/engine/cli/eps/bad-magic", test_eps_bad_magic);
   g_test_add_func ("/engine/cli/eps/output-names-the-file",
                    test_eps_output_names_the_file);

@@ -692,6 +692,445 @@ test_data_mismatch (void)
   df_dataset_free (d);
 }
 
+/* ---- resuming another run ---- */
+
+/* A model like tiny_model (FALSE, 16, 32, 11) with one thing changed. */
+static DfModel *
+variant_model (int size, int groups, int head_dim, DfBetaSchedule kind, int T,
+               double beta_end, const char *const *names)
+{
+  DfUNetConfig cfg;
+  DfSchedule *s;
+  DfModel *m;
+  GError *error = NULL;
+
+  tiny_config (&cfg, 16, 32);
+  cfg.sample_size = size;
+  cfg.norm_num_groups = groups;
+  cfg.attention_head_dim = head_dim;
+  cfg.num_class_embeds = 3;
+  s = df_schedule_new (kind, T, 0, beta_end, &error);
+  g_assert_no_error (error);
+  m = df_model_new (&cfg, FALSE, s, names, 2, &error);
+  g_assert_no_error (error);
+  df_schedule_free (s);
+  df_unet_init (df_model_net (m), 11);
+  return m;
+}
+
+/* The halves images at another size (nearest neighbour). */
+static DfDataset *
+halves_dataset_sized (int n, int size)
+{
+  DfDataset *d = halves_dataset (n);
+  float *big = g_new (float, (gsize) n * size * size);
+
+  for (int i = 0; i < n; i++)
+    for (int y = 0; y < size; y++)
+      for (int x = 0; x < size; x++)
+        big[((gsize) i * size + y) * size + x] =
+          d->images[((gsize) i * SIZE + y * SIZE / size) * SIZE
+                    + x * SIZE / size];
+  g_free (d->images);
+  d->images = big;
+  d->h = d->w = size;
+  return d;
+}
+
+/* Rename a metadata key of a checkpoint in place (same length: the header
+ * keeps its size), as if an older trainer had not written it. */
+static void
+hide_metadata (const char *path, const char *key)
+{
+  char *text, *quoted = g_strdup_printf ("\"%s\"", key), *at = NULL;
+  gsize len, n = strlen (quoted);
+
+  /* The header follows 8 bytes of length, zeros among them. */
+  g_assert_true (g_file_get_contents (path, &text, &len, NULL));
+  for (gsize i = 8; i + n <= len && at == NULL; i++)
+    if (memcmp (text + i, quoted, n) == 0)
+      at = text + i;
+  g_assert_nonnull (at);
+  at[1] = 'X';
+  g_assert_true (g_file_set_contents (path, text, len, NULL));
+  g_free (quoted);
+  g_free (text);
+}
+
+/* Resuming used to check only the tensors' shapes and the task: a
+ * checkpoint of another seed, batch, image size (no shape changes with
+ * it), schedule, data... was continued as if it were this run.  Each is
+ * refused naming the option with both values, and leaves the weights and
+ * the step alone; an item an older checkpoint lacks is not checked. */
+static void
+test_resume_refuses_another_run (void)
+{
+  static const char *const renamed[] = { "top", "under", NULL };
+  static const char *const expect[] = {
+    "--seed is 8, the checkpoint ran 7",
+    "--batch is 5, the checkpoint ran 4",
+    "--hflip is off, the checkpoint ran on",
+    "--p-uncond is 0.2, the checkpoint ran 0.3",
+    "--data has 32 images, the checkpoint ran 16",
+    "--data's class 1 is \"under\", the checkpoint ran \"bottom\"",
+    "--size is 16, the checkpoint ran 8",
+    "--beta-schedule is squaredcos_cap_v2, the checkpoint ran linear",
+    "--timesteps is 500, the checkpoint ran 1000",
+    "the schedule's beta_end is 0.03, the checkpoint ran 0.02",
+    "--groups is 4, the checkpoint ran 8",
+    "--head-dim is 16, the checkpoint ran 8",
+  };
+  char *dir = g_dir_make_tmp ("df-train-XXXXXX", NULL);
+  char *ck = g_build_filename (dir, "ck.safetensors", NULL);
+  DfDataset *d = halves_dataset (16);
+  DfTrainOptions o;
+  DfModel *m;
+  DfTrainer *t;
+  GError *error = NULL;
+  gboolean resumed;
+  double loss;
+
+  df_set_threads (1);
+  test_options (&o, ck, 10);
+  m = tiny_model (FALSE, 16, 32, 11);
+  t = new_trainer (m, d, &o);
+  run_steps (t, 1, &loss);
+  g_assert_true (df_trainer_save_checkpoint (t, &error));
+  g_assert_no_error (error);
+  df_trainer_free (t);
+  df_model_free (m);
+
+  o.resume = TRUE;
+  for (gsize k = 0; k < G_N_ELEMENTS (expect); k++)
+    {
+      DfTrainOptions v = o;
+      DfDataset *vd = d;
+      const DfParam *p;
+      float *before;
+      int n_params;
+
+      m = NULL;
+      switch (k)
+        {
+        case 0: v.seed = 8; break;
+        case 1: v.batch = 5; break;
+        case 2: v.hflip = FALSE; break;
+        case 3: v.p_uncond = 0.2; break;
+        case 4: vd = halves_dataset (32); break;
+        case 5:
+          m = variant_model (SIZE, 8, 8, DF_BETA_LINEAR, 1000, 0, renamed);
+          break;
+        case 6:
+          vd = halves_dataset_sized (16, 16);
+          m = variant_model (16, 8, 8, DF_BETA_LINEAR, 1000, 0, class_names);
+          break;
+        case 7:
+          m = variant_model (SIZE, 8, 8, DF_BETA_COSINE, 1000, 0, class_names);
+          break;
+        case 8:
+          m = variant_model (SIZE, 8, 8, DF_BETA_LINEAR, 500, 0, class_names);
+          break;
+        case 9:
+          m = variant_model (SIZE, 8, 8, DF_BETA_LINEAR, 1000, 0.03,
+                             class_names);
+          break;
+        case 10:
+          m = variant_model (SIZE, 4, 8, DF_BETA_LINEAR, 1000, 0, class_names);
+          break;
+        case 11:
+          m = variant_model (SIZE, 8, 16, DF_BETA_LINEAR, 1000, 0,
+                             class_names);
+          break;
+        }
+      if (m == NULL)
+        m = tiny_model (FALSE, 16, 32, 5);
+      p = df_unet_params (df_model_net (m), &n_params);
+      before = g_memdup2 (p[0].tensor->data,
+                          p[0].tensor->size * sizeof (float));
+      t = new_trainer (m, vd, &v);
+      resumed = TRUE;
+      g_assert_false (df_trainer_resume (t, &resumed, &error));
+      g_assert_error (error, DF_TRAIN_ERROR, DF_TRAIN_ERROR_CHECKPOINT);
+      g_test_message ("%s", error->message);
+      g_assert_nonnull (strstr (error->message, expect[k]));
+      g_assert_nonnull (strstr (error->message, ck));
+      g_assert_null (strchr (error->message, '\n'));
+      g_assert_false (resumed);
+      g_assert_cmpint (df_trainer_step_index (t), ==, 0);
+      g_assert_true (memcmp (before, p[0].tensor->data,
+                             p[0].tensor->size * sizeof (float)) == 0);
+      g_clear_error (&error);
+      g_free (before);
+      df_trainer_free (t);
+      df_model_free (m);
+      if (vd != d)
+        df_dataset_free (vd);
+    }
+
+  /* The same run resumes. */
+  m = tiny_model (FALSE, 16, 32, 5);
+  t = new_trainer (m, d, &o);
+  g_assert_true (df_trainer_resume (t, &resumed, &error));
+  g_assert_no_error (error);
+  g_assert_true (resumed);
+  df_trainer_free (t);
+  df_model_free (m);
+
+  /* A checkpoint written before train.seed was (older files): the seed is
+   * not checked. */
+  hide_metadata (ck, "train.seed");
+  o.seed = 8;
+  m = tiny_model (FALSE, 16, 32, 5);
+  t = new_trainer (m, d, &o);
+  g_assert_true (df_trainer_resume (t, &resumed, &error));
+  g_assert_no_error (error);
+  g_assert_true (resumed);
+  g_assert_cmpint (df_trainer_step_index (t), ==, 1);
+  df_trainer_free (t);
+  df_model_free (m);
+
+  df_dataset_free (d);
+  rm_rf (dir);
+  g_free (ck);
+  g_free (dir);
+}
+
+/* What a run may change on resume is reported, with both values: the
+ * CLI prints one line each. */
+static void
+test_resume_reports_changes (void)
+{
+  static const char *const expect[][3] = {
+    { "--steps", "10", "12" },
+    { "--lr", "0.001", "0.002" },
+    { "--lr-schedule", "cosine", "constant" },
+    { "--warmup", "2", "3" },
+    { "--weight-decay", "0.01", "0.02" },
+    { "--ema", "0.99", "0.9" },
+    { "--grad-clip", "0.5", "0.25" },
+    { "--checkpoint-minutes", "0", "1.5" },
+    { "--threads", "1", "2" },
+  };
+  char *dir = g_dir_make_tmp ("df-train-XXXXXX", NULL);
+  char *ck = g_build_filename (dir, "ck.safetensors", NULL);
+  DfDataset *d = halves_dataset (16);
+  DfTrainOptions o;
+  DfModel *m;
+  DfTrainer *t;
+  GError *error = NULL;
+  const DfTrainChange *c;
+  gboolean resumed;
+  double loss;
+  int n;
+
+  df_set_threads (1);
+  test_options (&o, ck, 10);
+  m = tiny_model (FALSE, 16, 32, 11);
+  t = new_trainer (m, d, &o);
+  run_steps (t, 1, &loss);
+  g_assert_true (df_trainer_save_checkpoint (t, &error));
+  g_assert_no_error (error);
+  df_trainer_free (t);
+  df_model_free (m);
+
+  /* The same options: nothing to report. */
+  o.resume = TRUE;
+  m = tiny_model (FALSE, 16, 32, 5);
+  t = new_trainer (m, d, &o);
+  g_assert_true (df_trainer_resume (t, &resumed, &error));
+  g_assert_true (resumed);
+  df_trainer_changes (t, &n);
+  g_assert_cmpint (n, ==, 0);
+  df_trainer_free (t);
+
+  o.steps = 12;
+  o.lr = 2e-3;
+  o.lr_schedule = DF_LR_CONSTANT;
+  o.warmup = 3;
+  o.weight_decay = 0.02;
+  o.ema_decay = 0.9;
+  o.grad_clip = 0.25;
+  o.checkpoint_minutes = 1.5;
+  df_set_threads (2);
+  t = new_trainer (m, d, &o);
+  g_assert_true (df_trainer_resume (t, &resumed, &error));
+  g_assert_no_error (error);
+  g_assert_true (resumed);
+  c = df_trainer_changes (t, &n);
+  for (int i = 0; i < n; i++)
+    g_test_message ("%s %s (the checkpoint ran %s)", c[i].option,
+                    c[i].value, c[i].checkpoint);
+  g_assert_cmpint (n, ==, G_N_ELEMENTS (expect));
+  for (int i = 0; i < n; i++)
+    {
+      g_assert_cmpstr (c[i].option, ==, expect[i][0]);
+      g_assert_cmpstr (c[i].checkpoint, ==, expect[i][1]);
+      g_assert_cmpstr (c[i].value, ==, expect[i][2]);
+    }
+  df_set_threads (1);
+  df_trainer_free (t);
+  df_model_free (m);
+
+  df_dataset_free (d);
+  rm_rf (dir);
+  g_free (ck);
+  g_free (dir);
+}
+
+/* ---- options ---- */
+
+/* An infinite weight decay was taken and diverged at step 2. */
+static void
+test_weight_decay_finite (void)
+{
+  const double bad[] = { INFINITY, NAN, -0.1, 1000 /* = 1 / lr */ };
+  DfDataset *d = halves_dataset (4);
+  DfModel *m = tiny_model (FALSE, 16, 32, 11);
+  DfTrainOptions o;
+  DfTrainer *t;
+  GError *error = NULL;
+
+  for (gsize i = 0; i < G_N_ELEMENTS (bad); i++)
+    {
+      test_options (&o, NULL, 1);
+      o.weight_decay = bad[i];
+      g_assert_null (df_trainer_new (m, d, &o, &error));
+      g_assert_error (error, DF_TRAIN_ERROR, DF_TRAIN_ERROR_INVALID);
+      g_test_message ("%g: %s", bad[i], error->message);
+      g_assert_nonnull (strstr (error->message, "weight decay"));
+      g_clear_error (&error);
+    }
+  test_options (&o, NULL, 1);
+  o.weight_decay = 0.5;
+  t = new_trainer (m, d, &o);
+  df_trainer_free (t);
+  df_model_free (m);
+  df_dataset_free (d);
+}
+
+/* A diverged run said "resume from the last checkpoint" when there was
+ * none. */
+static void
+test_divergence_message (void)
+{
+  char *dir = g_dir_make_tmp ("df-train-XXXXXX", NULL);
+  char *ck = g_build_filename (dir, "ck.safetensors", NULL);
+  DfDataset *d = halves_dataset (16);
+  DfTrainOptions o;
+  GError *error = NULL;
+  double loss;
+
+  df_set_threads (1);
+  for (int k = 0; k < 3; k++)
+    {
+      DfModel *m = tiny_model (FALSE, 16, 32, 11);
+      DfTrainer *t;
+      gboolean ok = TRUE;
+      int steps = 0;
+
+      /* Steps of 1e30: the weights overflow on the second pass.  k = 0
+       * without a checkpoint file, 1 with one not written yet, 2 with
+       * one written after step 1. */
+      test_options (&o, k == 0 ? NULL : ck, 10);
+      o.lr = 1e30;
+      o.warmup = 0;
+      o.grad_clip = 0;
+      o.weight_decay = 0;
+      t = new_trainer (m, d, &o);
+      run_steps (t, 1, &loss);
+      if (k == 2)
+        g_assert_true (df_trainer_save_checkpoint (t, &error));
+      g_assert_no_error (error);
+      while (ok && steps++ < 5)
+        ok = df_trainer_step (t, &loss, &error);
+      g_assert_false (ok);
+      g_assert_error (error, DF_TRAIN_ERROR, DF_TRAIN_ERROR_INVALID);
+      g_test_message ("%s", error->message);
+      g_assert_nonnull (strstr (error->message, "diverged"));
+      if (k < 2)
+        {
+          g_assert_null (strstr (error->message, "checkpoint"));
+          g_assert_nonnull (strstr (error->message, "start again"));
+        }
+      else
+        {
+          g_assert_nonnull (strstr (error->message, ck));
+          g_assert_nonnull (strstr (error->message, "(step 1)"));
+        }
+      g_clear_error (&error);
+      df_trainer_free (t);
+      df_model_free (m);
+    }
+  df_dataset_free (d);
+  rm_rf (dir);
+  g_free (ck);
+  g_free (dir);
+}
+
+/* ---- memory ---- */
+
+/* The estimate's parameter count is the network's, and its bytes err
+ * high: the shipped UNet at batch 64 peaked at 1.31 GiB resident for the
+ * whole program, 0.18 GiB of it the 60,000 images. */
+static void
+test_memory_estimate (void)
+{
+  DfUNetConfig cfg;
+  GError *error = NULL;
+  double n_params, bytes, small;
+
+  for (int k = 0; k < 3; k++)
+    {
+      DfUNet *net;
+
+      tiny_config (&cfg, 16, 32);
+      cfg.down_attention[1] = cfg.up_attention[0] = k == 1;
+      cfg.layers_per_block = k == 1 ? 2 : 1;
+      if (k == 2)
+        cfg.classifier_classes = 2;
+      else
+        cfg.num_class_embeds = 3;
+      net = df_unet_new (&cfg, k == 2, &error);
+      g_assert_no_error (error);
+      bytes = df_train_memory_estimate (&cfg, k == 2, 4, &n_params);
+      g_test_message ("tiny %d: %.0f parameters, %.1f MiB at batch 4", k,
+                      n_params, bytes / (1 << 20));
+      g_assert_cmpfloat (n_params, ==, df_unet_param_count (net));
+      g_assert_cmpfloat (bytes, >, 24 * n_params);
+      df_unet_free (net);
+    }
+
+  /* weights/fashion-mnist-unet.json */
+  df_unet_config_init (&cfg);
+  cfg.sample_size = 28;
+  cfg.in_channels = cfg.out_channels = 1;
+  cfg.n_blocks = 3;
+  cfg.block_out_channels[0] = 32;
+  cfg.block_out_channels[1] = 64;
+  cfg.block_out_channels[2] = 128;
+  for (int i = 0; i < 3; i++)
+    cfg.down_attention[i] = cfg.up_attention[2 - i] = i == 2;
+  cfg.layers_per_block = 1;
+  cfg.attention_head_dim = 32;
+  cfg.num_class_embeds = 11;
+  bytes = df_train_memory_estimate (&cfg, FALSE, 64, &n_params);
+  small = df_train_memory_estimate (&cfg, FALSE, 8, NULL);
+  g_test_message ("shipped UNet: %.0f parameters, %.2f GiB at batch 64, "
+                  "%.2f GiB at 8", n_params, bytes / (1 << 30),
+                  small / (1 << 30));
+  g_assert_cmpfloat (n_params, ==, 2736353);
+  g_assert_cmpfloat (bytes, >, 1.2 * (1 << 30));
+  g_assert_cmpfloat (bytes, <, 3.0 * (1 << 30));
+  g_assert_cmpfloat (small, <, bytes / 4);
+
+  /* The sizes that aborted inside GLib are estimated, not allocated. */
+  cfg.block_out_channels[0] = 100000;
+  cfg.n_blocks = 2;
+  bytes = df_train_memory_estimate (&cfg, FALSE, 64, &n_params);
+  g_assert_cmpfloat (n_params, >, 9e10);
+  g_assert_cmpfloat (bytes, >, 4 * 9e10);
+}
+
 /* ---- slow: learning ---- */
 
 /* Smoothed loss after steps of training, from a fresh trainer. */
@@ -777,5 +1216,13 @@ main (int argc, char **argv)
                    test_run_log_output_plot);
   g_test_add_func ("/engine/train/run-cancel-saves", test_run_cancel);
   g_test_add_func ("/engine/train/data-mismatch", test_data_mismatch);
+  g_test_add_func ("/engine/train/resume-refuses-another-run",
+                   test_resume_refuses_another_run);
+  g_test_add_func ("/engine/train/resume-reports-changes",
+                   test_resume_reports_changes);
+  g_test_add_func ("/engine/train/weight-decay-finite",
+                   test_weight_decay_finite);
+  g_test_add_func ("/engine/train/divergence-message", test_divergence_message);
+  g_test_add_func ("/engine/train/memory-estimate", test_memory_estimate);
   return g_test_run ();
 }
