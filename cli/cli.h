@@ -59,15 +59,6 @@ gboolean  cli_parse_int_list(const char *what, const char *s, int *out,
 gboolean  cli_parse_class   (DfModel *m, const char *s, int *label,
                              GError **error);
 
-/* Classes that must be m's: n of them, and, where both sides have names
- * (not just the indices "0", "1", ... of a file saved without names), the
- * same names in the same order.  what names the other side in the error:
- * "--test-data DIR has classes a, b; the model M has x, y, z". */
-gboolean  cli_check_classes (DfModel *m, const char *what, int n,
-                             const char *const *names, GError **error);
-/* The same for a noisy classifier given with --classifier. */
-gboolean  cli_check_classifier_classes (DfModel *m, DfModel *classifier,
-                                        GError **error);
 
 /* An IDX folder: it holds PREFIX-images-idx3-ubyte[.gz] (prefix "train" or
  * "t10k"). */

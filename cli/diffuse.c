@@ -310,7 +310,7 @@ check_model_options (const GenOptions *o, DfModel *m, DfSampleParams *p,
         }
       /* A classifier of other classes would steer towards the wrong
        * one, or past the end of its logits. */
-      if (!cli_check_classifier_classes (m, c, error))
+      if (!df_model_check_classifier (m, c, "--classifier", error))
         {
           df_model_free (c);
           return FALSE;

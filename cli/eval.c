@@ -129,7 +129,7 @@ check_data_classes (const char *option, const char *dir, gboolean idx,
         return TRUE;
     }
   what = g_strdup_printf ("%s %s", option, dir);
-  ok = cli_check_classes (m, what, d->num_classes,
+  ok = df_model_check_classes (m, what, d->num_classes,
                           (const char *const *) d->class_names, error);
   g_free (what);
   return ok;
@@ -252,7 +252,7 @@ cli_eval (int argc, char **argv)
       goto out;
     }
   /* Accuracy counts the classifier's argmax as the model's class. */
-  if (!cli_check_classifier_classes (m, cls, &error))
+  if (!df_model_check_classifier (m, cls, "--classifier", &error))
     goto out;
   if (count < k)
     {

@@ -1231,3 +1231,88 @@ df_model_interpolate (DfModel *m, const DfSampleParams *p, guint64 seed_a,
   g_free (xT);
   return ok;
 }
+
+/* ---- classes shared between models ---- */
+
+/* A file saved without class names gets "0", "1", ...: those say no more
+ * than the count. */
+static gboolean
+names_are_indices (int n, const char *const *names)
+{
+  if (names == NULL)
+    return TRUE;
+  for (int i = 0; i < n; i++)
+    {
+      char index[16];
+
+      g_snprintf (index, sizeof index, "%d", i);
+      if (names[i] == NULL || strcmp (names[i], index) != 0)
+        return FALSE;
+    }
+  return TRUE;
+}
+
+static char *
+join_names (int n, const char *const *names)
+{
+  GString *s = g_string_new (NULL);
+
+  for (int i = 0; i < n; i++)
+    g_string_append_printf (s, "%s%s", i ? ", " : "",
+                            names && names[i] ? names[i] : "?");
+  return g_string_free (s, FALSE);
+}
+
+/* See model.h. */
+gboolean
+df_model_check_classes (DfModel *m, const char *what, int n,
+                   const char *const *names, GError **error)
+{
+  int k = df_model_num_classes (m);
+  const char **own = g_new0 (const char *, k + 1);
+  gboolean same = n == k;
+  char *theirs, *ours;
+
+  for (int i = 0; i < k; i++)
+    own[i] = df_model_class_name (m, i);
+  if (same && !names_are_indices (n, names) && !names_are_indices (k, own))
+    for (int i = 0; i < k && same; i++)
+      same = names[i] != NULL && strcmp (names[i], own[i]) == 0;
+  if (same)
+    {
+      g_free (own);
+      return TRUE;
+    }
+
+  theirs = join_names (n, names);
+  ours = join_names (k, own);
+  if (n != k)
+    g_set_error (error, DF_MODEL_ERROR, DF_MODEL_ERROR_INVALID,
+                 "%s has %d class%s (%s); the model %s has %d (%s)", what, n,
+                 n == 1 ? "" : "es", theirs, df_model_path (m), k, ours);
+  else
+    g_set_error (error, DF_MODEL_ERROR, DF_MODEL_ERROR_INVALID,
+                 "%s has classes %s; the model %s has %s", what, theirs,
+                 df_model_path (m), ours);
+  g_free (theirs);
+  g_free (ours);
+  g_free (own);
+  return FALSE;
+}
+
+gboolean
+df_model_check_classifier (DfModel *m, DfModel *classifier, const char *what,
+                           GError **error)
+{
+  int n = df_model_num_classes (classifier);
+  const char **names = g_new0 (const char *, n + 1);
+  char *who = g_strdup_printf ("%s %s", what, df_model_path (classifier));
+  gboolean ok;
+
+  for (int i = 0; i < n; i++)
+    names[i] = df_model_class_name (classifier, i);
+  ok = df_model_check_classes (m, who, n, names, error);
+  g_free (who);
+  g_free (names);
+  return ok;
+}

@@ -93,4 +93,16 @@ gboolean     df_model_interpolate    (DfModel *m, const DfSampleParams *p,
                                       DfProgressFunc progress, gpointer data,
                                       GCancellable *cancellable, GError **error);
 
+/* Classes that must be m's: n of them, and, where both sides have names
+ * (not just the indices "0", "1", ... of a file saved without names), the
+ * same names in the same order.  what names the other side in the error:
+ * "--test-data DIR has classes a, b; the model M has x, y, z". */
+gboolean      df_model_check_classes     (DfModel *m, const char *what,
+                                          int n, const char *const *names,
+                                          GError **error);
+/* The same for a noisy classifier that is to guide m; what ("--classifier")
+ * comes before its path in the error. */
+gboolean      df_model_check_classifier  (DfModel *m, DfModel *classifier,
+                                          const char *what, GError **error);
+
 G_END_DECLS

@@ -5,6 +5,7 @@
 
 static const char *const class_names[] = { "T-shirt", "Trouser", "Sneaker",
                                            NULL };
+static const char *const other_names[] = { "apple", "banana", "cherry", NULL };
 
 static void
 tiny_config (DfUNetConfig *cfg)
@@ -25,10 +26,11 @@ tiny_config (DfUNetConfig *cfg)
 }
 
 static gboolean
-write_one (const char *path, const DfUNetConfig *cfg, gboolean classifier,
-           const DfSchedule *s, int uncond, GError **error)
+write_named (const char *path, const DfUNetConfig *cfg, gboolean classifier,
+             const DfSchedule *s, const char *const *names, int uncond,
+             GError **error)
 {
-  DfModel *m = df_model_new (cfg, classifier, s, class_names, uncond, error);
+  DfModel *m = df_model_new (cfg, classifier, s, names, uncond, error);
   gboolean ok;
 
   if (m == NULL)
@@ -37,6 +39,13 @@ write_one (const char *path, const DfUNetConfig *cfg, gboolean classifier,
   ok = df_model_save (m, path, error);
   df_model_free (m);
   return ok;
+}
+
+static gboolean
+write_one (const char *path, const DfUNetConfig *cfg, gboolean classifier,
+           const DfSchedule *s, int uncond, GError **error)
+{
+  return write_named (path, cfg, classifier, s, class_names, uncond, error);
 }
 
 gboolean
@@ -64,6 +73,22 @@ fixture_write_models (const char *dir, GError **error)
        && write_one (clf, &ccfg, TRUE, s, -1, error);
   g_free (unet);
   g_free (clf);
+  df_schedule_free (s);
+  return ok;
+}
+
+gboolean
+fixture_write_other_classifier (const char *path, GError **error)
+{
+  DfUNetConfig cfg;
+  DfSchedule *s = df_schedule_new (DF_BETA_LINEAR, FIXTURE_T, 0, 0, error);
+  gboolean ok;
+
+  if (s == NULL)
+    return FALSE;
+  tiny_config (&cfg);
+  cfg.classifier_classes = FIXTURE_N_CLASSES;
+  ok = write_named (path, &cfg, TRUE, s, other_names, -1, error);
   df_schedule_free (s);
   return ok;
 }

@@ -12,3 +12,6 @@
 /* Writes dir/fashion-mnist.safetensors (class-conditional UNet, 1 channel,
  * 16 x 16, T = 100) and dir/fashion-mnist-classifier.safetensors. */
 gboolean fixture_write_models (const char *dir, GError **error);
+/* Writes a classifier like the fixture's but with the classes apple,
+ * banana and cherry: one that must not guide the fixture UNet. */
+gboolean fixture_write_other_classifier (const char *path, GError **error);

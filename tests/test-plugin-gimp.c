@@ -121,6 +121,9 @@ static const char script_body[] =
   "   RUN-NONINTERACTIVE img d \"%s/missing.safetensors\" 1 5 0.0 1 0)))\n"
   "(bad \"corrupt\" (lambda (img d) (plug-in-diffusion-generate\n"
   "   RUN-NONINTERACTIVE img d \"%s/corrupt.safetensors\" 1 5 0.0 1 0)))\n"
+  "(bad \"classifier-classes\" (lambda (img d) (plug-in-diffusion-class-guided\n"
+  "   RUN-NONINTERACTIVE img d \"\" 1 1 4 0.0 5 1 1.5\n"
+  "   \"%s/other-classifier.safetensors\")))\n"
   "(bad \"steps-over-T\" (lambda (img d) (plug-in-diffusion-interpolate\n"
   "   RUN-NONINTERACTIVE img d \"\" 1 2 3 101 -1)))\n"
   "(emit \"end\\tok\\t1\")\n"
@@ -156,8 +159,10 @@ run_gimp (GError **error)
 
   script = g_strdup_printf ("%s%s", script_head, script_body);
   {
-    /* Four %s: results dir, PNG dir, missing and corrupt model dirs. */
-    char *filled = g_strdup_printf (script, tmpdir, tmpdir, tmpdir, tmpdir);
+    /* Five %s: results dir, PNG dir, missing, corrupt and other-classes
+     * model dirs. */
+    char *filled = g_strdup_printf (script, tmpdir, tmpdir, tmpdir, tmpdir,
+                                    tmpdir);
 
     g_free (script);
     script = filled;
@@ -168,8 +173,13 @@ run_gimp (GError **error)
     /* Not a safetensors file: the engine's error must reach the caller. */
     char *corrupt = g_build_filename (tmpdir, "corrupt.safetensors", NULL);
 
-    ok = g_file_set_contents (corrupt, "not a model", -1, error);
+    char *other = g_build_filename (tmpdir, "other-classifier.safetensors",
+                                    NULL);
+
+    ok = g_file_set_contents (corrupt, "not a model", -1, error)
+         && fixture_write_other_classifier (other, error);
     g_free (corrupt);
+    g_free (other);
     if (!ok)
       goto out;
   }
@@ -512,6 +522,7 @@ main (int argc, char **argv)
     /* An execution error ("failed:", not "failed on invalid input"). */
     { "corrupt", "failed: cannot load model" },
     { "steps-over-T", "more than the 100 timesteps" },
+    { "classifier-classes", "has classes apple, banana, cherry" },
   };
   GError *error = NULL;
   int rc;

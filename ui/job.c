@@ -103,12 +103,18 @@ check_against_model (DfJob *job, GError **error)
     return calling_error (error, "model '%s' has no unconditional class, "
                           "so classifier-free guidance cannot work: use "
                           "guidance 1 (classifier)", job->model_path);
-  if (p->guidance == 1
-      && df_model_num_classes (job->classifier) <= p->class_label)
-    return calling_error (error, "class %d is out of range for classifier "
-                          "'%s' (%d classes)", p->class_label,
-                          job->classifier_path,
-                          df_model_num_classes (job->classifier));
+  if (p->guidance == 1)
+    {
+      GError *err = NULL;
+
+      if (!df_model_check_classifier (job->model, job->classifier,
+                                      "the classifier", &err))
+        {
+          calling_error (error, "%s", err->message);
+          g_error_free (err);
+          return FALSE;
+        }
+    }
   return TRUE;
 }
 
