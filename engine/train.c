@@ -1558,6 +1558,16 @@ nice_step (double range, int n)
   return (f < 1.5 ? 1 : f < 3.5 ? 2 : f < 7.5 ? 5 : 10) * p;
 }
 
+
+/* Tick k of a decade's level: 1, 2, 5; 1..9; 1, 1.5, ..., 9.5. */
+static double
+tick_value (int level, int k)
+{
+  static const double coarse[3] = { 1, 2, 5 };
+
+  return level == 0 ? coarse[k] : level == 1 ? k + 1 : 1 + 0.5 * k;
+}
+
 gboolean
 df_train_plot_loss (const char *csv, const char *png, GError **error)
 {
@@ -1569,8 +1579,8 @@ df_train_plot_loss (const char *csv, const char *png, GError **error)
   cairo_t *cr;
   cairo_status_t status;
   double xmax = 0, ymin = G_MAXDOUBLE, ymax = 0, lo, hi, xstep;
-  static const double coarse[3] = { 1, 2, 5 };
-  int n_ticks = 0;
+  static const int per_level[3] = { 3, 9, 18 };
+  int n_ticks = 0, level;
   gboolean ok = TRUE;
 
   g_return_val_if_fail (csv != NULL && png != NULL, FALSE);
@@ -1646,18 +1656,25 @@ df_train_plot_loss (const char *csv, const char *png, GError **error)
   cairo_set_font_size (cr, 13);
   cairo_set_line_width (cr, 1);
 
-  /* Grid and tick labels: 1, 2, 5 per decade on y (every digit when the
-   * range is too narrow for two of those); nice steps on x. */
+  /* Grid and tick labels: 1, 2, 5 per decade on y, or every digit, or
+   * every half digit, whichever first puts two in the range; nice steps
+   * on x. */
+  for (level = 0; level < 2; level++)
+    {
+      n_ticks = 0;
+      for (int dec = (int) floor (lo); dec <= (int) ceil (hi); dec++)
+        for (int k = 0; k < per_level[level]; k++)
+          {
+            double v = log10 (tick_value (level, k) * pow (10, dec));
+            n_ticks += v >= lo && v <= hi;
+          }
+      if (n_ticks >= 2)
+        break;
+    }
   for (int dec = (int) floor (lo); dec <= (int) ceil (hi); dec++)
-    for (int k = 0; k < 3; k++)
+    for (int k = 0; k < per_level[level]; k++)
       {
-        double v = log10 (coarse[k] * pow (10, dec));
-        n_ticks += v >= lo && v <= hi;
-      }
-  for (int dec = (int) floor (lo); dec <= (int) ceil (hi); dec++)
-    for (int k = 0; k < (n_ticks >= 2 ? 3 : 9); k++)
-      {
-        double v = (n_ticks >= 2 ? coarse[k] : k + 1) * pow (10, dec);
+        double v = tick_value (level, k) * pow (10, dec);
         char label[32];
         cairo_text_extents_t ext;
 
