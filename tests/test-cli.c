@@ -2332,11 +2332,20 @@ put_be32 (GByteArray *b, guint32 v)
 
 /* An IDX folder (the Fashion-MNIST layout) of 8 x 8 images: n_train in
  * train-*, n_test in t10k-*, labels 0..2 in turn. */
+static char *write_idx_ordered (int n_train, int n_test, int order,
+                                const char *dir);
+
 static char *
 write_idx_folder (int n_train, int n_test)
 {
+  return write_idx_ordered (n_train, n_test, 0, "idx");
+}
+
+static char *
+write_idx_ordered (int n_train, int n_test, int order, const char *dir)
+{
   const char *prefixes[] = { "train", "t10k" };
-  char *root = new_dir ("idx");
+  char *root = new_dir (dir);
   GError *error = NULL;
 
   for (int s = 0; s < 2; s++)
@@ -2353,11 +2362,14 @@ write_idx_folder (int n_train, int n_test)
       put_be32 (lab, n);
       for (int i = 0; i < n; i++)
         {
-          guint8 label = i % 3;
+          /* order 0: classes in turn, every image its own; 1: the same
+           * with one image per class; 2: that sorted by class. */
+          guint8 label = order == 2 && s == 0 ? i * 3 / n : i % 3;
+          int who = order == 0 || s == 1 ? i : 5 * label;
 
           for (int k = 0; k < 64; k++)
             {
-              guint8 v = (k * 7 + i * 13 + s * 29) % 256;
+              guint8 v = (k * 7 + who * 13 + s * 29) % 256;
               g_byte_array_append (img, &v, 1);
             }
           g_byte_array_append (lab, &label, 1);
@@ -2409,6 +2421,34 @@ test_eval_counts_above_data (void)
   g_assert_nonnull (strstr (r.out, "vs 6 test images"));
   run_clear (&r);
   g_free (idx);
+}
+
+/* The floors take each class's share of training images, as the samples
+ * do: a training set sorted by class gives the floors of one that takes
+ * the classes in turn (every image of a class the same here, so both pick
+ * the same images); the first 6 of the sorted set would all be blank. */
+static void
+test_eval_floor_balanced (void)
+{
+  char *turns = write_idx_ordered (12, 6, 1, "idx-turns");
+  char *sorted = write_idx_ordered (12, 6, 2, "idx-sorted");
+  Run a = run_eval (turns, NULL, "--train-count", "9");
+  Run b = run_eval (sorted, NULL, "--train-count", "9");
+  const char *fa, *fb;
+
+  assert_ok (&a);
+  assert_ok (&b);
+  fa = strstr (a.out, "frechet floor");
+  fb = strstr (b.out, "frechet floor");
+  g_assert_nonnull (fa);
+  g_assert_nonnull (fb);
+  g_assert_nonnull (strstr (fa, "frechet floor at the sample count: "));
+  g_test_message ("%s", fb);
+  g_assert_cmpstr (fa, ==, fb);
+  run_clear (&a);
+  run_clear (&b);
+  g_free (turns);
+  g_free (sorted);
 }
 
 /* ---- eval: classes ---- */
@@ -2631,6 +2671,8 @@ main (int argc, char **argv)
                    test_train_banner_one_class);
   g_test_add_func ("/engine/cli/eval/folder-needs-test-data",
                    test_eval_folder_needs_test_data);
+  g_test_add_func ("/engine/cli/eval/floor-classes-balanced",
+                   test_eval_floor_balanced);
   g_test_add_func ("/engine/cli/eval/counts-above-data",
                    test_eval_counts_above_data);
   g_test_add_func ("/engine/cli/eval/classifier-classes-must-match",
