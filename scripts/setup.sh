@@ -10,7 +10,7 @@ packages=(
   libgimp2.0-dev libgtk-3-dev gimp
   xvfb xauth
   dataset-fashion-mnist
-  python3-torch python3-numpy
+  python3-torch python3-numpy python3-pil
 )
 
 missing=()
