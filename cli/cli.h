@@ -74,6 +74,9 @@ gboolean  cli_check_output_file (const char *option, const char *path,
  * before the work, like cli_check_output_file. */
 gboolean  cli_check_output_dir  (const char *option, const char *dir,
                                  GError **error);
+/* Whether paths a and b name one file or folder: the same name written two
+ * ways, through links, or a hard link. */
+gboolean  cli_same_file         (const char *a, const char *b);
 /* GLib's atomic writes name their temporary file, PATH.XXXXXX, in their
  * errors: put back PATH, the name the user gave, in error's message. */
 void      cli_error_restore_path (GError *error, const char *path);

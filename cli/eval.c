@@ -13,7 +13,6 @@
 
 #include <math.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "dataset.h"
@@ -123,12 +122,7 @@ check_data (const char *data_dir, const char *test_dir, GError **error)
   if (test_dir && !cli_is_idx_folder (test_dir, "t10k"))
     {
       /* Then df_dataset_load reads every image of test_dir. */
-      char *a = realpath (data_dir, NULL), *b = realpath (test_dir, NULL);
-      gboolean same = a && b && strcmp (a, b) == 0;
-
-      free (a);
-      free (b);
-      if (same)
+      if (cli_same_file (data_dir, test_dir))
         {
           g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
                        "eval: --test-data %s is the --data folder: give test "

@@ -8,7 +8,6 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/resource.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "train.h"
@@ -235,30 +234,6 @@ check_memory (const DfUNetConfig *cfg, gboolean classifier, int batch,
   return ok;
 }
 
-/* Where path would be written, as one name: its folder resolved (links,
- * "..", "."), then the file itself if it is a link. */
-static char *
-resolved_path (const char *path)
-{
-  char *dir = g_path_get_dirname (path);
-  char *base = g_path_get_basename (path);
-  char *real_dir = realpath (dir, NULL);
-  char *joined, *real;
-
-  joined = g_build_filename (real_dir ? real_dir : dir, base, NULL);
-  real = realpath (joined, NULL);
-  if (real != NULL)
-    {
-      g_free (joined);
-      joined = g_strdup (real);
-      free (real);
-    }
-  free (real_dir);
-  g_free (dir);
-  g_free (base);
-  return joined;
-}
-
 /* Two outputs on one file overwrite each other (the plot over the log,
  * the weights over the checkpoint): the same name written two ways, a
  * link, or a hard link. */
@@ -267,22 +242,14 @@ check_distinct_outputs (const TrainArgs *a, GError **error)
 {
   const char *options[4] = { "--out", "--checkpoint", "--log", "--plot" };
   const char *paths[4] = { a->out, a->checkpoint, a->log, a->plot };
-  char *real[4];
   gboolean ok = TRUE;
 
-  for (int i = 0; i < 4; i++)
-    real[i] = paths[i] ? resolved_path (paths[i]) : NULL;
   for (int i = 0; i < 4 && ok; i++)
     for (int j = i + 1; j < 4 && ok; j++)
       {
-        struct stat si, sj;
-        gboolean same;
+        gboolean same = paths[i] && paths[j]
+                        && cli_same_file (paths[i], paths[j]);
 
-        if (real[i] == NULL || real[j] == NULL)
-          continue;
-        same = strcmp (real[i], real[j]) == 0
-               || (stat (real[i], &si) == 0 && stat (real[j], &sj) == 0
-                   && si.st_dev == sj.st_dev && si.st_ino == sj.st_ino);
         if (same)
           {
             g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
@@ -293,8 +260,6 @@ check_distinct_outputs (const TrainArgs *a, GError **error)
             ok = FALSE;
           }
       }
-  for (int i = 0; i < 4; i++)
-    g_free (real[i]);
   return ok;
 }
 

@@ -11,7 +11,9 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 G_DEFINE_QUARK (diffuse-cli-error-quark, cli_error)
@@ -231,6 +233,44 @@ cli_check_output_file (const char *option, const char *path, GError **error)
     }
   g_free (dir);
   return ok;
+}
+
+/* Where path would be written, as one name: its folder resolved (links,
+ * "..", "."), then the file itself if it is a link. */
+static char *
+resolved_path (const char *path)
+{
+  char *dir = g_path_get_dirname (path);
+  char *base = g_path_get_basename (path);
+  char *real_dir = realpath (dir, NULL);
+  char *joined, *real;
+
+  joined = g_build_filename (real_dir ? real_dir : dir, base, NULL);
+  real = realpath (joined, NULL);
+  if (real != NULL)
+    {
+      g_free (joined);
+      joined = g_strdup (real);
+      free (real);
+    }
+  free (real_dir);
+  g_free (dir);
+  g_free (base);
+  return joined;
+}
+
+gboolean
+cli_same_file (const char *a, const char *b)
+{
+  char *ra = resolved_path (a), *rb = resolved_path (b);
+  struct stat sa, sb;
+  gboolean same = strcmp (ra, rb) == 0
+                  || (stat (ra, &sa) == 0 && stat (rb, &sb) == 0
+                      && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino);
+
+  g_free (ra);
+  g_free (rb);
+  return same;
 }
 
 gboolean
