@@ -776,53 +776,6 @@ refuse (DfTrainer *t, GError **error, const char *what, const char *now,
   return FALSE;
 }
 
-static gboolean
-json_same (JsonNode *a, JsonNode *b)
-{
-  if (JSON_NODE_TYPE (a) != JSON_NODE_TYPE (b))
-    return FALSE;
-  switch (JSON_NODE_TYPE (a))
-    {
-    case JSON_NODE_NULL:
-      return TRUE;
-    case JSON_NODE_VALUE:
-      {
-        GType ta = json_node_get_value_type (a);
-        GType tb = json_node_get_value_type (b);
-
-        /* 1 and 1.0 are the same number. */
-        if ((ta == G_TYPE_INT64 || ta == G_TYPE_DOUBLE)
-            && (tb == G_TYPE_INT64 || tb == G_TYPE_DOUBLE))
-          return same_double (json_node_get_double (a),
-                              json_node_get_double (b));
-        if (ta != tb)
-          return FALSE;
-        if (ta == G_TYPE_STRING)
-          return g_strcmp0 (json_node_get_string (a),
-                            json_node_get_string (b)) == 0;
-        if (ta == G_TYPE_BOOLEAN)
-          return !json_node_get_boolean (a) == !json_node_get_boolean (b);
-        return FALSE;
-      }
-    case JSON_NODE_ARRAY:
-      {
-        JsonArray *x = json_node_get_array (a), *y = json_node_get_array (b);
-        guint n = json_array_get_length (x);
-
-        if (json_array_get_length (y) != n)
-          return FALSE;
-        for (guint i = 0; i < n; i++)
-          if (!json_same (json_array_get_element (x, i),
-                          json_array_get_element (y, i)))
-            return FALSE;
-        return TRUE;
-      }
-    case JSON_NODE_OBJECT:
-      return json_node_equal (a, b);
-    }
-  return FALSE;
-}
-
 /* A JSON value as the CLI takes it: "32,64,128"; block types (flags) as
  * --attention's 0 and 1. */
 static char *
@@ -909,7 +862,8 @@ same_object (DfTrainer *t, const char *item, const char *was_text,
           gboolean flags = g_str_has_suffix (key, "_block_types");
           char *what, *va, *vb;
 
-          if (b == NULL || json_same (a, b))
+          /* json_node_equal compares numbers by value: 1 == 1.0. */
+          if (b == NULL || json_node_equal (a, b))
             continue;
           for (gsize i = 0; i < G_N_ELEMENTS (key_options); i++)
             if (strcmp (key, key_options[i][0]) == 0)
