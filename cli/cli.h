@@ -55,6 +55,10 @@ gboolean  cli_parse_u64     (const char *what, const char *s, guint64 *out,
                              GError **error);
 gboolean  cli_parse_int_list(const char *what, const char *s, int *out,
                              int max, int *n, GError **error);
+/* A guidance interval "LO,HI" of noise levels sigma, 0 <= LO < HI; HI may
+ * be "inf". */
+gboolean  cli_parse_interval(const char *what, const char *s, double *lo,
+                             double *hi, GError **error);
 /* A class given as a name or an index, checked against the model. */
 gboolean  cli_parse_class   (DfModel *m, const char *s, int *label,
                              GError **error);

@@ -19,7 +19,7 @@
 
 typedef struct {
   char     *model, *sampler, *spacing, *variance, *class_name, *guidance;
-  char     *classifier, *out, *seed, *seeds;
+  char     *classifier, *out, *seed, *seeds, *interval;
   int       steps, count, batch, frames, threads;
   double    eta, scale;
   gboolean  no_clip, quiet;
@@ -63,6 +63,7 @@ gen_options_clear (GenOptions *o)
   g_free (o->out);
   g_free (o->seed);
   g_free (o->seeds);
+  g_free (o->interval);
 }
 
 #define OPT_MODEL(o) \
@@ -194,6 +195,25 @@ check_sampling_options (const GenOptions *o, DfSampleParams *p, GError **error)
                    o->scale);
       return FALSE;
     }
+  if (o->interval && o->class_name == NULL)
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--guidance-interval %s has no effect without --class: "
+                   "give the class to guide towards or drop "
+                   "--guidance-interval", o->interval);
+      return FALSE;
+    }
+  if (o->interval && o->guidance && strcmp (o->guidance, "none") == 0)
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--guidance-interval %s has no effect with --guidance "
+                   "none: drop one of them", o->interval);
+      return FALSE;
+    }
+  if (o->interval
+      && !cli_parse_interval ("--guidance-interval", o->interval,
+                              &p->guide_lo, &p->guide_hi, error))
+    return FALSE;
   if (scale_given && o->guidance && strcmp (o->guidance, "none") == 0)
     {
       g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
@@ -270,6 +290,16 @@ check_model_options (const GenOptions *o, DfModel *m, DfSampleParams *p,
                    "unconditional class, so --class %s samples without "
                    "guidance; give --guidance classifier or drop "
                    "--guidance-scale", o->scale, df_model_path (m),
+                   o->class_name);
+      return FALSE;
+    }
+  if (p->guidance == DF_GUIDANCE_NONE && o->interval != NULL)
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--guidance-interval %s has no effect: %s has no "
+                   "unconditional class, so --class %s samples without "
+                   "guidance; give --guidance classifier or drop "
+                   "--guidance-interval", o->interval, df_model_path (m),
                    o->class_name);
       return FALSE;
     }
@@ -351,6 +381,9 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
       "free (default with --class), classifier or none", "KIND" },
     { "guidance-scale", 0, 0, G_OPTION_ARG_DOUBLE, &o.scale,
       "Guidance scale, with --class (default 3)", "S" },
+    { "guidance-interval", 0, 0, G_OPTION_ARG_STRING, &o.interval,
+      "Guide only at noise levels sigma in (LOW, HIGH] (default 0,inf: "
+      "every step)", "LOW,HIGH" },
     { "classifier", 0, 0, G_OPTION_ARG_FILENAME, &o.classifier,
       "Noisy classifier for --guidance classifier (default: shipped)", "PATH" },
     OPT_THREADS (&o),
@@ -380,6 +413,9 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
       "free (default with --class) or none", "KIND" },
     { "guidance-scale", 0, 0, G_OPTION_ARG_DOUBLE, &o.scale,
       "Guidance scale, with --class (default 3)", "S" },
+    { "guidance-interval", 0, 0, G_OPTION_ARG_STRING, &o.interval,
+      "Guide only at noise levels sigma in (LOW, HIGH] (default 0,inf: "
+      "every step)", "LOW,HIGH" },
     OPT_THREADS (&o),
     { "out", 'o', 0, G_OPTION_ARG_FILENAME, &o.out,
       "Output folder (default out)", "DIR" },

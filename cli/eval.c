@@ -170,7 +170,7 @@ int
 cli_eval (int argc, char **argv)
 {
   char *model_path = NULL, *classifier_path = NULL, *data_dir = NULL;
-  char *test_dir = NULL, *seed_str = NULL;
+  char *test_dir = NULL, *seed_str = NULL, *interval_str = NULL;
   int count = 1000, steps = 50, batch = 25, threads = 0;
   int n_train = CLI_INT_UNSET, n_test = 0;
   double scale = 3.0;
@@ -194,6 +194,9 @@ cli_eval (int argc, char **argv)
       "DDIM steps, eta 0 (default 50)", "N" },
     { "guidance-scale", 0, 0, G_OPTION_ARG_DOUBLE, &scale,
       "Classifier-free guidance scale (default 3)", "S" },
+    { "guidance-interval", 0, 0, G_OPTION_ARG_STRING, &interval_str,
+      "Guide only at noise levels sigma in (LOW, HIGH] (default 0,inf: "
+      "every step)", "LOW,HIGH" },
     { "seed", 0, 0, G_OPTION_ARG_STRING, &seed_str,
       "Seed of class 0; class k uses seed + k (default 0)", "N" },
     { "batch", 'b', 0, G_OPTION_ARG_INT, &batch,
@@ -250,6 +253,11 @@ cli_eval (int argc, char **argv)
       goto out;
     }
   if (seed_str && !cli_parse_u64 ("--seed", seed_str, &seed, &error))
+    goto out;
+  df_sample_params_init (&p);
+  if (interval_str
+      && !cli_parse_interval ("--guidance-interval", interval_str,
+                              &p.guide_lo, &p.guide_hi, &error))
     goto out;
   if (data_dir == NULL)
     data_dir = g_strdup ("/usr/share/datasets/fashion-mnist");
@@ -357,7 +365,6 @@ cli_eval (int argc, char **argv)
   /* Samples: class j gets count / k, the first count % k one more. */
   samples = g_new (float, (gsize) count * image);   /* [count,C,H,W] */
   asked = g_new (int, count);                       /* [count] */
-  df_sample_params_init (&p);
   p.steps = steps;
   p.guidance = DF_GUIDANCE_FREE;
   p.scale = scale;
@@ -447,8 +454,10 @@ cli_eval (int argc, char **argv)
     double floor_fd = df_frechet_distance (mu_r, cov_r, mu_t, cov_t, d);
 
     printf ("samples: %d over %d classes, DDIM %d steps, eta 0, "
-            "classifier-free guidance scale %g, seed %" G_GUINT64_FORMAT "\n",
-            count, k, steps, scale, seed);
+            "classifier-free guidance scale %g", count, k, steps, scale);
+    if (p.guide_lo > 0 || !isinf (p.guide_hi))
+      printf (" at sigma in (%g, %g]", p.guide_lo, p.guide_hi);
+    printf (", seed %" G_GUINT64_FORMAT "\n", seed);
     printf ("accuracy: %.2f%% (%d of %d asked classes by %s at t = 0)\n",
             100.0 * hits / count, hits, count, df_model_path (cls));
     for (int j = 0; j < k; j++)
@@ -507,5 +516,6 @@ out:
   g_free (data_dir);
   g_free (test_dir);
   g_free (seed_str);
+  g_free (interval_str);
   return ok ? 0 : cli_fail (error);
 }

@@ -140,6 +140,37 @@ cli_parse_int_list (const char *what, const char *s, int *out, int max,
 }
 
 gboolean
+cli_parse_interval (const char *what, const char *s, double *lo, double *hi,
+                    GError **error)
+{
+  char **parts = g_strsplit (s, ",", -1);
+  double v[2];
+  gboolean ok = g_strv_length (parts) == 2;
+
+  for (int i = 0; ok && i < 2; i++)
+    {
+      char *end;
+      const char *part = g_strstrip (parts[i]);
+
+      v[i] = g_ascii_strtod (part, &end);
+      ok = part[0] != '\0' && *end == '\0' && !isnan (v[i]);
+    }
+  ok = ok && v[0] >= 0 && !isinf (v[0]) && v[1] > v[0];
+  g_strfreev (parts);
+  if (!ok)
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "%s '%s': give LOW,HIGH, the noise levels sigma = "
+                   "sqrt ((1 - alpha_bar) / alpha_bar) between which to guide, "
+                   "with 0 <= LOW < HIGH (HIGH may be inf)", what, s);
+      return FALSE;
+    }
+  *lo = v[0];
+  *hi = v[1];
+  return TRUE;
+}
+
+gboolean
 cli_parse_class (DfModel *m, const char *s, int *label, GError **error)
 {
   int k = df_model_num_classes (m), found;

@@ -35,6 +35,8 @@ df_sample_params_init (DfSampleParams *p)
   p->label = -1;
   p->guidance = DF_GUIDANCE_NONE;
   p->scale = 1.0;
+  p->guide_lo = 0.0;
+  p->guide_hi = INFINITY;
 }
 
 #define INVALID(...) \
@@ -79,6 +81,10 @@ df_sample_params_check (const DfSampleParams *p, const DfSchedule *s,
              "DDIM, 1 is DDPM-like)", p->eta);
   if (!isfinite (p->scale))
     INVALID ("guidance scale %g: it must be a finite number", p->scale);
+  if (isnan (p->guide_lo) || isnan (p->guide_hi) || p->guide_lo < 0
+      || isinf (p->guide_lo) || p->guide_hi <= p->guide_lo)
+    INVALID ("guidance interval (%g, %g]: it must be noise levels with "
+             "0 <= low < high (high may be inf)", p->guide_lo, p->guide_hi);
 
   /* The label against the model's classes.  An unconditional model under
    * classifier guidance takes any label >= 0: the classifier checks it. */
@@ -156,10 +162,11 @@ call_failed (GError *local, const char *what, int t, GError **error)
   return FALSE;
 }
 
-/* eps[N,P] for x[N,P] at t, guidance folded in (not the classifier's). */
+/* eps[N,P] for x[N,P] at t, free guidance at this step's scale folded in
+ * (the classifier's is not). */
 static gboolean
-predict_eps (const DfDenoiser *d, const DfSampleParams *p, Work *w,
-             const float *x, int n, gsize P, int t, GError **error)
+predict_eps (const DfDenoiser *d, const DfSampleParams *p, double scale,
+             Work *w, const float *x, int n, gsize P, int t, GError **error)
 {
   GError *local = NULL;
   const int *labels = NULL;
@@ -167,9 +174,9 @@ predict_eps (const DfDenoiser *d, const DfSampleParams *p, Work *w,
 
   /* Free guidance at a general scale: one call on [x; x] with the labels
    * then the unconditional one, combined per element. */
-  if (p->guidance == DF_GUIDANCE_FREE && p->scale != 1.0 && p->scale != 0.0)
+  if (p->guidance == DF_GUIDANCE_FREE && scale != 1.0 && scale != 0.0)
     {
-      double sc = p->scale;
+      double sc = scale;
 
       memcpy (w->x_in, x, np * sizeof (float));
       memcpy (w->x_in + np, x, np * sizeof (float));
@@ -197,7 +204,7 @@ predict_eps (const DfDenoiser *d, const DfSampleParams *p, Work *w,
    * the unconditional one; otherwise the label, if any, as given. */
   if (p->guidance == DF_GUIDANCE_FREE)
     {
-      int label = p->scale == 1.0 ? p->label : d->uncond_label;
+      int label = scale == 1.0 ? p->label : d->uncond_label;
 
       for (int i = 0; i < n; i++)
         w->labels[i] = label;
@@ -222,6 +229,8 @@ typedef struct {
   guint64  first;
   guint32  k;
   gsize    P;
+  double   scale;              /* this step's guidance scale */
+  gboolean grad;               /* w->grad holds the classifier's gradient */
   double   sa_t, sb_t;         /* sqrt (ab_t), sqrt (1 - ab_t) */
   double   c_x0, c_xt, c_eps, sigma;
 } Step;
@@ -235,10 +244,9 @@ step_sample (const Step *st, int i)
   float *xi = st->x + i * P, *x0i = st->w->x0 + i * P;
   float *zi = st->w->z + i * P;
   const float *ei = st->w->eps + i * P;
-  const float *gi = p->guidance == DF_GUIDANCE_CLASSIFIER
-                    ? st->w->grad + i * P : NULL;
+  const float *gi = st->grad ? st->w->grad + i * P : NULL;
   gboolean ddim = p->sampler == DF_SAMPLER_DDIM;
-  double scale = p->scale, sa_t = st->sa_t, sb_t = st->sb_t;
+  double scale = st->scale, sa_t = st->sa_t, sb_t = st->sb_t;
 
   if (st->sigma > 0)
     df_rng_normal (p->seed, st->first + i, st->k, zi, P);
@@ -331,17 +339,20 @@ df_sample (const DfSchedule *s, const DfDenoiser *d,
                           : p->final_alpha_one ? 1.0
                           : s->alphas_cumprod[0];
       double sa_t = sqrt (ab_t), sb_t = sqrt (1 - ab_t), sa_s = sqrt (ab_s);
-      double scale = p->scale;
+      double noise = sb_t / sa_t;
+      gboolean guided = noise > p->guide_lo && noise <= p->guide_hi;
       gboolean classifier = p->guidance == DF_GUIDANCE_CLASSIFIER;
+      /* Outside the interval: free guidance conditional, classifier none. */
+      double scale = guided ? p->scale : classifier ? 0.0 : 1.0;
       double c_x0 = 0, c_xt = 0, c_eps = 0, sigma = 0;
 
       if (g_cancellable_set_error_if_cancelled (cancellable, error))
         goto out;
 
       /* eps (and the classifier's gradient) at x_t. */
-      if (!predict_eps (d, p, &w, x, n, P, t, error))
+      if (!predict_eps (d, p, scale, &w, x, n, P, t, error))
         goto out;
-      if (classifier)
+      if (classifier && guided)
         {
           GError *local = NULL;
 
@@ -385,8 +396,9 @@ df_sample (const DfSchedule *s, const DfDenoiser *d,
 
       /* Per sample: its own noise, then the update in double. */
       {
-        Step st = { p, &w, x, first, (guint32) k, P, sa_t, sb_t, c_x0, c_xt,
-                    c_eps, sigma };
+        Step st = { p, &w, x, first, (guint32) k, P, scale,
+                    classifier && guided, sa_t, sb_t, c_x0, c_xt, c_eps,
+                    sigma };
 
         if (np >= PAR_MIN_VALUES)
           {

@@ -40,12 +40,17 @@ typedef struct {
   int           label;          /* class, or -1 */
   DfGuidance    guidance;
   double        scale;          /* guidance scale */
+  /* Guidance only at noise levels sigma_t = sqrt ((1 - ab_t) / ab_t) in
+   * (guide_lo, guide_hi] (Kynkaanniemi et al. 2024); elsewhere free
+   * guidance is the conditional prediction and classifier guidance adds
+   * nothing.  0 and INFINITY: every step. */
+  double        guide_lo, guide_hi;
 } DfSampleParams;
 
 /* DDIM, 50 steps, eta 0, leading spacing, fixed_small, predicted x0 clipped
  * to [-1, 1] (images live there; diffusers' schedulers clip by default too:
  * without it an undertrained model's x0 at large t can run away), final ab 1,
- * seed 0, no label, no guidance, scale 1. */
+ * seed 0, no label, no guidance, scale 1, guidance at every noise level. */
 void df_sample_params_init (DfSampleParams *p);
 
 /* eps[N,C,H,W] for x[N,C,H,W] at timestep t; labels[N] or NULL. */
@@ -84,7 +89,8 @@ void     df_sample_initial_noise (guint64 seed, guint64 index, int size,
  * otherwise it is used as given.  Step k draws its noise from stream
  * (seed, first + i, k).  Free guidance calls d->eps once a step on 2n
  * samples (labels first, then uncond_label), or on n only when scale is
- * exactly 1 (conditional) or 0 (unconditional).  Cancellation is checked
+ * exactly 1 (conditional) or 0 (unconditional), and at steps outside the
+ * guidance interval.  Cancellation is checked
  * before every step and reported as G_IO_ERROR_CANCELLED. */
 gboolean df_sample (const DfSchedule *s, const DfDenoiser *d,
                     const DfSampleParams *p, guint64 first, int n,

@@ -878,6 +878,33 @@ static const BadCase bad_cases[] = {
     { "interpolate", "--model", "@gray", "--seeds", "1,2",
       "--guidance-scale", "2" },
     "--guidance-scale 2 has no effect without --class" },
+  { "guidance-interval-without-class",
+    { "generate", "--model", "@gray", "--guidance-interval", "0.5,5" },
+    "--guidance-interval 0.5,5 has no effect without --class" },
+  { "guidance-interval-with-guidance-none",
+    { "generate", "--model", "@gray", "--class", "1", "--guidance", "none",
+      "--guidance-interval", "0.5,5" },
+    "--guidance-interval 0.5,5 has no effect with --guidance none" },
+  { "guidance-interval-no-uncond-class",
+    { "generate", "--model", "@nouncond", "--class", "1",
+      "--guidance-interval", "0.5,5" },
+    "--guidance-interval 0.5,5 has no effect: " },
+  { "guidance-interval-reversed",
+    { "generate", "--model", "@gray", "--class", "1",
+      "--guidance-interval", "5,0.5" },
+    "--guidance-interval '5,0.5': give LOW,HIGH" },
+  { "guidance-interval-one-number",
+    { "interpolate", "--model", "@gray", "--seeds", "1,2", "--class", "1",
+      "--guidance-interval", "5" },
+    "--guidance-interval '5': give LOW,HIGH" },
+  { "guidance-interval-not-a-number",
+    { "generate", "--model", "@gray", "--class", "1",
+      "--guidance-interval", "0.5,lots" },
+    "--guidance-interval '0.5,lots': give LOW,HIGH" },
+  { "guidance-interval-negative",
+    { "generate", "--model", "@gray", "--class", "1",
+      "--guidance-interval", "-1,2" },
+    "--guidance-interval '-1,2': give LOW,HIGH" },
 };
 
 static const char *
@@ -1208,6 +1235,9 @@ test_generate_explicit_options (void)
     { "--class", "1", "--guidance", "none" },
     { "--class", "2", "--guidance", "classifier", "--classifier", "@cls",
       "--guidance-scale", "2" },
+    { "--class", "1", "--guidance-interval", "0.5,inf" },
+    { "--class", "2", "--guidance", "classifier", "--classifier", "@cls",
+      "--guidance-interval", "0,3" },
   };
 
   for (gsize i = 0; i < G_N_ELEMENTS (cases); i++)

@@ -697,6 +697,109 @@ test_classifier_exact (void)
   df_schedule_free (s);
 }
 
+/* The timesteps and batch sizes of every eps call, for the interval test. */
+typedef struct {
+  Oracle  o;
+  int     calls, t[64], n[64];
+} Tracer;
+
+static gboolean
+tracer_eps (gpointer data, const float *x, int n, int t, const int *labels,
+            float *eps, GError **error)
+{
+  Tracer *tr = data;
+
+  g_assert_cmpint (tr->calls, <, 64);
+  tr->t[tr->calls] = t;
+  tr->n[tr->calls++] = n;
+  return oracle_eps (&tr->o, x, n, t, labels, eps, error);
+}
+
+/* Guidance limited to noise levels in (lo, hi]: free guidance runs both
+ * halves exactly at the steps whose sigma_t is inside and one conditional
+ * half elsewhere; an interval that holds no step is plain conditional
+ * sampling bit for bit, one that holds every step is full guidance bit for
+ * bit, and one that holds some lands between the two in how far samples
+ * are pulled to their class.  Classifier guidance outside the interval
+ * calls no classifier.  Sigma at DDIM's 20 leading steps of this schedule:
+ * 0.01 (t 0) to 78 (t 950); (0.5, 5] holds t 150..550. */
+static void
+test_guidance_interval (void)
+{
+  const int N = 512, S = 20;
+  DfSchedule *s = linear_schedule ();
+  Tracer tr = { { s, 0.5, 0.25, TRUE } };
+  DfDenoiser d = denoiser (&tr.o);
+  DfSampleParams p;
+  float *cond, *full, *part, *none, *cls;
+  double lo = 0.5, hi = 5.0;
+  int guided = 0;
+  GError *error = NULL;
+
+  d.eps = tracer_eps;
+  d.eps_data = &tr;
+  df_sample_params_init (&p);
+  p.clip_x0 = FALSE;          /* the oracles' data is not bounded */
+  p.steps = S;
+  p.seed = 12;
+  p.label = 1;
+  cond = run (&tr.o, &p, 0, N, NULL);
+  p.guidance = DF_GUIDANCE_FREE;
+  p.scale = 4;
+  full = run (&tr.o, &p, 0, N, NULL);
+
+  p.guide_lo = lo;
+  p.guide_hi = hi;
+  part = g_new (float, N * P);
+  g_assert_true (df_sample (s, &d, &p, 0, N, NULL, part, NULL, NULL, NULL,
+                            &error));
+  g_assert_no_error (error);
+  g_assert_cmpint (tr.calls, ==, S);
+  for (int k = 0; k < S; k++)
+    {
+      double ab = s->alphas_cumprod[tr.t[k]], sig = sqrt ((1 - ab) / ab);
+      gboolean inside = sig > lo && sig <= hi;
+
+      g_assert_cmpint (tr.n[k], ==, inside ? 2 * N : N);
+      guided += inside;
+    }
+  g_test_message ("guided at %d of %d steps", guided, S);
+  g_assert_cmpint (guided, ==, 9);
+
+  /* No step inside: conditional; every step inside: full guidance. */
+  p.guide_lo = 1e6;
+  p.guide_hi = 1e7;
+  none = run (&tr.o, &p, 0, N, NULL);
+  assert_same_bits (cond, none, N * P);
+  g_free (none);
+  p.guide_lo = 0.001;
+  p.guide_hi = 1000;
+  none = run (&tr.o, &p, 0, N, NULL);
+  assert_same_bits (full, none, N * P);
+  g_test_message ("on class 1's side: conditional %.4f, interval %.4f, "
+                  "full %.4f", class_side (cond, N, 1),
+                  class_side (part, N, 1), class_side (full, N, 1));
+  g_assert_false (memcmp (part, cond, N * P * sizeof (float)) == 0);
+  g_assert_false (memcmp (part, full, N * P * sizeof (float)) == 0);
+
+  /* Classifier guidance: gradients only inside. */
+  tr.o.uncond_model = TRUE;
+  d = denoiser (&tr.o);
+  p.guidance = DF_GUIDANCE_CLASSIFIER;
+  p.guide_lo = lo;
+  p.guide_hi = hi;
+  tr.o.grad_calls = 0;
+  cls = run (&tr.o, &p, 0, N, NULL);
+  g_assert_cmpint (tr.o.grad_calls, ==, guided);
+  g_free (cls);
+
+  g_free (cond);
+  g_free (full);
+  g_free (part);
+  g_free (none);
+  df_schedule_free (s);
+}
+
 /* One step by hand: t = 999 (trailing, S = 1) to ab_0 (final_alpha_one
  * off), so every coefficient is non-trivial; x_T a fixed draw.  Classifier
  * guidance over an unconditional model starts from eps_u, over a
@@ -915,7 +1018,7 @@ test_bad_params (void)
   dm_nouncond = dm;
   dm_nouncond.uncond_label = -1;
 
-  for (int c = 0; c < 17; c++)
+  for (int c = 0; c < 21; c++)
     {
       DfSampleParams p;
       const DfDenoiser *d = &dm;
@@ -948,6 +1051,10 @@ test_bad_params (void)
         case 14: p.sampler = (DfSamplerKind) 5; break;
         case 15: p.spacing = (DfSpacing) 5; break;
         case 16: p.guidance = (DfGuidance) 5; break;
+        case 17: p.guide_lo = -1; break;
+        case 18: p.guide_lo = 2; p.guide_hi = 2; break;
+        case 19: p.guide_hi = NAN; break;
+        case 20: p.guide_lo = INFINITY; break;
         }
       g_assert_false (df_sample_params_check (&p, s, d, &error));
       g_assert_error (error, DF_SAMPLER_ERROR, DF_SAMPLER_ERROR_INVALID);
@@ -1068,6 +1175,8 @@ main (int argc, char **argv)
                    test_classifier_shifts);
   g_test_add_func ("/engine/sampler/classifier-guidance-exact",
                    test_classifier_exact);
+  g_test_add_func ("/engine/sampler/guidance-interval",
+                   test_guidance_interval);
   g_test_add_func ("/engine/sampler/one-step-by-hand", test_one_step_by_hand);
   g_test_add_func ("/engine/sampler/clip", test_clip);
   g_test_add_func ("/engine/sampler/progress", test_progress);
