@@ -389,6 +389,257 @@ conv_tile_store (const ConvGeom *c, const float *acc, int y0, int y1,
     }
 }
 
+/* ---- Winograd F(2x2, 3x3) ----
+ *
+ * Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016):
+ * a 2x2 block of a 3x3 convolution's outputs from the 4x4 input patch under
+ * it is Y = A^T [(G g G^T) (.) (B^T d B)] A, so per tile the multiplies are
+ * 16 elementwise products instead of 36, and summed over input channels
+ * those products are 16 GEMMs [Co,Ci] x [Ci,tiles]: 2.25 times fewer
+ * multiply-adds than the direct form.  The transforms' coefficients are 0,
+ * +-1 and +-1/2, so in float it is as accurate as the direct sum to a few
+ * units in the last place.
+ *
+ *   B^T = | 1  0 -1  0 |   G = | 1    0    0   |   A^T = | 1  1  1  0 |
+ *         | 0  1  1  0 |       | 1/2  1/2  1/2 |         | 0  1 -1 -1 |
+ *         | 0 -1  1  0 |       | 1/2 -1/2  1/2 |
+ *         | 0  1  0 -1 |       | 0    0    1   |
+ *
+ * Used for the "same" 3x3 convolutions (stride 1, pad 1) of even size and
+ * rows of 14 or more, forward and for the input gradient (the transposed
+ * convolution is a "same" 3x3 one by the flipped, transposed kernel).  A
+ * unit is (sample, band of tile rows), so results depend on neither the
+ * batch nor the thread count. */
+
+/* Tiles per unit, about: the GEMMs' N. */
+#define WINO_TILES 96
+
+typedef struct {
+  int    ci, co;              /* channels in and out */
+  int    h, w;                /* output size = input size, both even */
+  int    th, tw;              /* tile rows and columns: h / 2, w / 2 */
+  int    band, n_bands;       /* tile rows per unit, units per sample */
+  gsize  wp;                  /* padded input row: w + 2 */
+  gsize  x_sample, x_chan;    /* padded input strides (it is h + 2 rows) */
+  gsize  y_sample, y_chan;    /* output strides */
+} Wino;
+
+static gboolean
+conv_winograd (const ConvGeom *c, int pad_hi)
+{
+  return c->kh == 3 && c->kw == 3 && c->stride == 1 && c->pad == 1
+         && pad_hi == 1 && c->h % 2 == 0 && c->w % 2 == 0 && c->w >= 14;
+}
+
+static void
+wino_init (Wino *wi, int ci, int co, int h, int w)
+{
+  int tiles;
+
+  wi->ci = ci;
+  wi->co = co;
+  wi->h = h;
+  wi->w = w;
+  wi->th = h / 2;
+  wi->tw = w / 2;
+  tiles = wi->th * wi->tw;
+  wi->n_bands = MAX (1, (tiles + WINO_TILES - 1) / WINO_TILES);
+  wi->band = (wi->th + wi->n_bands - 1) / wi->n_bands;
+  wi->n_bands = (wi->th + wi->band - 1) / wi->band;
+  wi->wp = (gsize) w + 2;
+}
+
+/* Floats of a unit's scratch: V [16][Ci,T] and M [16][Co,T], T its tiles. */
+static gsize
+wino_per_thread (const Wino *wi)
+{
+  return (gsize) 16 * wi->band * wi->tw * (wi->ci + wi->co);
+}
+
+/* u [Co][16][Ci] = G g G^T of w [Co,Ci,3,3], so that transform k is the
+ * matrix [Co,Ci] at u + k Ci with rows 16 Ci apart; with flip, of the
+ * transposed convolution's kernel instead: w is [Ci,Co,3,3] (the
+ * forward's) and the kernel of (o, c) is w[c, o] rotated by 180 degrees.
+ * Per output channel, the taps go to planes [9][Ci] first so that the
+ * transform runs over contiguous kernels. */
+static void
+wino_weights (const Wino *wi, const float *w, gboolean flip, float *u)
+{
+  int ci = wi->ci, co = wi->co;
+
+#pragma omp parallel for schedule(static) if ((gsize) co * ci * 16 > DF_PAR_MIN)
+  for (int o = 0; o < co; o++)
+    {
+      float g[9][ci];
+      float *restrict uo = u + (gsize) o * 16 * ci;
+
+      for (int c = 0; c < ci; c++)
+        {
+          const float *k = flip ? w + ((gsize) c * co + o) * 9
+                                : w + ((gsize) o * ci + c) * 9;
+
+          for (int j = 0; j < 9; j++)
+            g[j][c] = k[flip ? 8 - j : j];
+        }
+      for (int r = 0; r < 4; r++)
+        {
+          float *restrict u0 = uo + (gsize) (4 * r) * ci;
+          float *restrict u1 = u0 + ci, *restrict u2 = u1 + ci;
+          float *restrict u3 = u2 + ci;
+
+          /* Row r of G g (rows of g: taps 0-2, 3-5, 6-8), then times G^T. */
+          for (int c = 0; c < ci; c++)
+            {
+              float t[3];
+
+              for (int col = 0; col < 3; col++)
+                {
+                  float a = g[col][c], b = g[3 + col][c], d = g[6 + col][c];
+
+                  t[col] = r == 0 ? a : r == 3 ? d
+                           : r == 1 ? 0.5f * (a + b + d) : 0.5f * (a - b + d);
+                }
+              u0[c] = t[0];
+              u1[c] = 0.5f * (t[0] + t[1] + t[2]);
+              u2[c] = 0.5f * (t[0] - t[1] + t[2]);
+              u3[c] = t[2];
+            }
+        }
+    }
+}
+
+/* V[k][c, t] = (B^T d B)[k] for the tiles t of tile rows [a0, a1), d the
+ * 4x4 patch of the padded input xs (one sample) at tile t; V's rows are T
+ * floats long.  Rows first: t_i = B^T rows of
+ * the patch rows, whole padded rows at once; then columns, on the even and
+ * odd halves of those rows so that each of the 16 results is a run over
+ * the tile columns. */
+static void
+wino_input (const Wino *wi, const float *xs, int a0, int a1, gsize T,
+            float *v)
+{
+  int tw = wi->tw;
+  gsize wp = wi->wp;
+  float t[4][wp], e[4][tw + 1], od[4][tw + 1];
+
+  for (int c = 0; c < wi->ci; c++)
+    for (int a = a0; a < a1; a++)
+      {
+        const float *r0 = xs + c * wi->x_chan + (gsize) 2 * a * wp;
+        const float *r1 = r0 + wp, *r2 = r1 + wp, *r3 = r2 + wp;
+        gsize base = (gsize) c * T + (gsize) (a - a0) * tw;
+
+        for (gsize j = 0; j < wp; j++)
+          {
+            t[0][j] = r0[j] - r2[j];
+            t[1][j] = r1[j] + r2[j];
+            t[2][j] = r2[j] - r1[j];
+            t[3][j] = r1[j] - r3[j];
+          }
+        for (int i = 0; i < 4; i++)
+          for (int j = 0; j <= tw; j++)
+            {
+              e[i][j] = t[i][2 * j];
+              od[i][j] = t[i][2 * j + 1];
+            }
+        for (int i = 0; i < 4; i++)
+          {
+            float *v0 = v + (gsize) (4 * i) * wi->ci * T + base;
+            float *v1 = v0 + (gsize) wi->ci * T, *v2 = v1 + (gsize) wi->ci * T;
+            float *v3 = v2 + (gsize) wi->ci * T;
+
+            for (int b = 0; b < tw; b++)
+              {
+                v0[b] = e[i][b] - e[i][b + 1];
+                v1[b] = od[i][b] + e[i][b + 1];
+                v2[b] = e[i][b + 1] - od[i][b];
+                v3[b] = od[i][b] - od[i][b + 1];
+              }
+          }
+      }
+}
+
+/* ys[o, rows 2a..2a+1] (+)= A^T M[., o, tiles of row a] A (+ bias[o]). */
+static void
+wino_output (const Wino *wi, const float *m, int a0, int a1,
+             const float *bias, gboolean add, float *ys)
+{
+  int tw = wi->tw, T = (a1 - a0) * tw;
+  gsize ct = (gsize) wi->co * T;
+
+  for (int o = 0; o < wi->co; o++)
+    for (int a = a0; a < a1; a++)
+      {
+        const float *mk = m + (gsize) o * T + (gsize) (a - a0) * tw;
+        float *y0 = ys + o * wi->y_chan + (gsize) 2 * a * wi->w;
+        float *y1 = y0 + wi->w;
+        float bo = bias != NULL ? bias[o] : 0.0f;
+
+        for (int b = 0; b < tw; b++)
+          {
+            float r0[4], r1[4];
+
+            for (int j = 0; j < 4; j++)
+              {
+                float m0 = mk[(gsize) j * ct + b];
+                float m1 = mk[(gsize) (4 + j) * ct + b];
+                float m2 = mk[(gsize) (8 + j) * ct + b];
+                float m3 = mk[(gsize) (12 + j) * ct + b];
+
+                r0[j] = m0 + m1 + m2;
+                r1[j] = m1 - m2 - m3;
+              }
+            {
+              float y00 = r0[0] + r0[1] + r0[2] + bo;
+              float y01 = r0[1] - r0[2] - r0[3] + bo;
+              float y10 = r1[0] + r1[1] + r1[2] + bo;
+              float y11 = r1[1] - r1[2] - r1[3] + bo;
+
+              if (add)
+                {
+                  y0[2 * b] += y00;
+                  y0[2 * b + 1] += y01;
+                  y1[2 * b] += y10;
+                  y1[2 * b + 1] += y11;
+                }
+              else
+                {
+                  y0[2 * b] = y00;
+                  y0[2 * b + 1] = y01;
+                  y1[2 * b] = y10;
+                  y1[2 * b + 1] = y11;
+                }
+            }
+          }
+      }
+}
+
+/* y (+)= the convolution of the padded input xp by the kernel whose
+ * transform is u, for n samples; work holds the threads' scratch. */
+static void
+wino_run (const Wino *wi, const float *xp, int n, const float *u,
+          const float *bias, gboolean add, float *y, float *work)
+{
+  gsize per_thread = wino_per_thread (wi);
+
+#pragma omp parallel for schedule(static)
+  for (int un = 0; un < n * wi->n_bands; un++)
+    {
+      int s = un / wi->n_bands, a0 = (un % wi->n_bands) * wi->band;
+      int a1 = MIN (a0 + wi->band, wi->th), T = (a1 - a0) * wi->tw;
+      float *v = work + per_thread * omp_get_thread_num ();
+      float *m = v + (gsize) 16 * wi->ci * T;
+
+      wino_input (wi, xp + s * wi->x_sample, a0, a1, T, v);
+      for (int k = 0; k < 16; k++)
+        df_sgemm (DF_NO_TRANS, DF_NO_TRANS, wi->co, T, wi->ci, 1.0f,
+                  u + (gsize) k * wi->ci, 16 * wi->ci,
+                  v + (gsize) k * wi->ci * T, T, 0.0f,
+                  m + (gsize) k * wi->co * T, T);
+      wino_output (wi, m, a0, a1, bias, add, y + s * wi->y_sample);
+    }
+}
+
 /* Samples per dW unit of the shifted backward.  A unit is one GEMM over
  * every output and input channel (splitting Co or Ci would pack the other
  * operand again per block, which costs as much as the multiply at these
@@ -396,6 +647,123 @@ conv_tile_store (const ConvGeom *c, const float *acc, int y0, int y1,
  * partial sums are added in order, so the result does not depend on the
  * thread count. */
 #define CONV_DW_SAMPLES 16
+
+/* Samples per unit of the Winograd dW: fewer than the shifted form's, as
+ * a unit here is a thread's (its GEMMs are per sample). */
+#define WINO_DW_SAMPLES 8
+
+/* Floats of wino_weight_grad's scratch for n samples and threads. */
+static gsize
+wino_dw_scratch (const Wino *wi, int n, int threads)
+{
+  int n_runs = (n + WINO_DW_SAMPLES - 1) / WINO_DW_SAMPLES;
+
+  return (gsize) threads * 16 * (wi->ci + wi->co) * wi->th * wi->tw
+         + (gsize) n_runs * 16 * wi->co * wi->ci;
+}
+
+/* dU[k][o, c] = sum over tiles t of (A dY_o A^T)[k] at t times V[k][c, t]:
+ * the gradient of the forward's U = G g G^T, 16 GEMMs a sample of K =
+ * its tiles; then dg = G^T dU G.  dy [N,Co,H,W] and the padded input of wi
+ * (Ci in, Co out).  A unit is a run of WINO_DW_SAMPLES samples, done
+ * sample by sample so that a sample's V and E stay in cache; the runs'
+ * partial dU are summed in order, so dW does not depend on the thread
+ * count.  work: wino_dw_scratch floats. */
+static void
+wino_weight_grad (const Wino *wi, const float *xp, const float *dy, int n,
+                  float *dw, float *work)
+{
+  int ci = wi->ci, co = wi->co, tw = wi->tw, tiles = wi->th * wi->tw;
+  int n_runs = (n + WINO_DW_SAMPLES - 1) / WINO_DW_SAMPLES;
+  gsize T = tiles, cc16 = (gsize) 16 * co * ci;
+  gsize per_thread = (gsize) 16 * (ci + co) * T;
+  float *du = work + per_thread * omp_get_max_threads ();
+
+#pragma omp parallel for schedule(static)
+  for (int run = 0; run < n_runs; run++)
+    {
+      int s0 = run * WINO_DW_SAMPLES, s1 = MIN (s0 + WINO_DW_SAMPLES, n);
+      float *v = work + per_thread * omp_get_thread_num ();
+      float *e = v + (gsize) 16 * ci * T, *dur = du + run * cc16;
+
+      for (int s = s0; s < s1; s++)
+        {
+          /* V, and E[k][o, t] = (A dY A^T)[k]: a 2x2 tile [[p, q], [r, z]]
+           * goes to rows (p, q), (p + r, q + z), (p - r, q - z), (-r, -z),
+           * and each row (x, y) to (x, x + y, x - y, -y). */
+          wino_input (wi, xp + s * wi->x_sample, 0, wi->th, T, v);
+          for (int o = 0; o < co; o++)
+            for (int a = 0; a < wi->th; a++)
+              {
+                const float *d0 = dy + ((gsize) s * co + o) * wi->h * wi->w
+                                  + (gsize) 2 * a * wi->w;
+                const float *d1 = d0 + wi->w;
+                float *eo = e + (gsize) o * T + (gsize) a * tw;
+                gsize kt = (gsize) co * T;
+
+                for (int b = 0; b < tw; b++)
+                  {
+                    float p = d0[2 * b], q = d0[2 * b + 1];
+                    float r = d1[2 * b], z = d1[2 * b + 1];
+                    float rows[4][2] = { { p, q }, { p + r, q + z },
+                                         { p - r, q - z }, { -r, -z } };
+
+                    for (int i = 0; i < 4; i++)
+                      {
+                        float x = rows[i][0], y = rows[i][1];
+                        float *ek = eo + (gsize) (4 * i) * kt + b;
+
+                        ek[0] = x;
+                        ek[kt] = x + y;
+                        ek[2 * kt] = x - y;
+                        ek[3 * kt] = -y;
+                      }
+                  }
+              }
+
+          /* dU[run][o][k][c] (+)= E[k] V[k]^T */
+          for (int k = 0; k < 16; k++)
+            df_sgemm (DF_NO_TRANS, DF_TRANS, co, ci, (int) T, 1.0f,
+                      e + (gsize) k * co * T, T, v + (gsize) k * ci * T, T,
+                      s == s0 ? 0.0f : 1.0f, dur + (gsize) k * ci, 16 * ci);
+        }
+    }
+
+  /* dw [Co,Ci,3,3] += G^T (sum of the runs' dU in order) G; G^T's rows are
+   * (1, 1/2, 1/2, 0), (0, 1/2, -1/2, 0), (0, 1/2, 1/2, 1). */
+#pragma omp parallel for schedule(static) if (cc16 > DF_PAR_MIN)
+  for (int o = 0; o < co; o++)
+    for (int c = 0; c < ci; c++)
+      {
+        float m[16], rr[3][4], *d = dw + ((gsize) o * ci + c) * 9;
+
+        for (int k = 0; k < 16; k++)
+          {
+            float sum = 0;
+
+            for (int run = 0; run < n_runs; run++)
+              sum += du[run * cc16 + ((gsize) o * 16 + k) * ci + c];
+            m[k] = sum;
+          }
+        for (int j = 0; j < 4; j++)
+          {
+            float a = m[j], b = m[4 + j], cq = m[8 + j], dd = m[12 + j];
+
+            rr[0][j] = a + 0.5f * (b + cq);
+            rr[1][j] = 0.5f * (b - cq);
+            rr[2][j] = 0.5f * (b + cq) + dd;
+          }
+        for (int i = 0; i < 3; i++)
+          {
+            float a = rr[i][0], b = rr[i][1], cq = rr[i][2], dd = rr[i][3];
+
+            d[i * 3] += a + 0.5f * (b + cq);
+            d[i * 3 + 1] += 0.5f * (b - cq);
+            d[i * 3 + 2] += 0.5f * (b + cq) + dd;
+          }
+      }
+}
+
 
 /* "Same" stride-1 convolutions (Ho = H, Wo = W, kh = kw, pads summing to
  * kh - 1, 1x1 ones included) take the shifted form backward too. */
@@ -536,6 +904,59 @@ conv2d_backward_shifted (DfGraph *g, DfRecord *r, const ConvGeom *c)
     }
 }
 
+/* The backward of a "same" 3x3 convolution in Winograd form (see
+ * conv_winograd): dW by wino_weight_grad from the padded input, dx as the
+ * transposed convolution's forward from dY padded channel-major [Co,N,Hp,
+ * Wp], by the flipped kernel, added into dx.  The two share one scratch,
+ * one after the other. */
+static void
+conv2d_backward_winograd (DfGraph *g, DfRecord *r, const ConvGeom *c)
+{
+  DfTensor *x = r->in[0], *w = r->in[1];
+  float *dx = df_grad_or_null (x);
+  float *dw = df_grad_or_null (w);               /* [Co,Ci,3,3] */
+  const float *dy = r->out->grad;                /* [N,Co,H,W] */
+  int n = x->shape[0], threads = omp_get_max_threads ();
+  gsize p = (gsize) c->h * c->w, plane = (gsize) c->hp * c->wp;
+  gsize cc16 = (gsize) 16 * c->co * c->ci, dw_need = 0, dx_need = 0;
+  float *work, *xp, *dyp, *scratch;
+  Wino ww, wx;
+
+  /* dW: Ci in, Co out, as the forward; dx: Co in, Ci out. */
+  wino_init (&ww, c->ci, c->co, c->h, c->w);
+  ww.x_chan = plane;
+  ww.x_sample = (gsize) c->ci * plane;
+  wino_init (&wx, c->co, c->ci, c->h, c->w);
+  wx.x_chan = (gsize) n * plane;
+  wx.x_sample = plane;
+  wx.y_chan = p;
+  wx.y_sample = (gsize) c->ci * p;
+  if (dw != NULL)
+    dw_need = wino_dw_scratch (&ww, n, threads);
+  if (dx != NULL)
+    dx_need = cc16 + wino_per_thread (&wx) * threads;
+
+  /* Workspace: xp [N,Ci,Hp,Wp] (dW), dyp [Co,N,Hp,Wp] (dx), scratch. */
+  work = df_graph_workspace (g, (dw != NULL ? (gsize) n * c->ci * plane : 0)
+                                + (dx != NULL ? (gsize) n * c->co * plane : 0)
+                                + MAX (dw_need, dx_need));
+  xp = work;
+  dyp = xp + (dw != NULL ? (gsize) n * c->ci * plane : 0);
+  scratch = dyp + (dx != NULL ? (gsize) n * c->co * plane : 0);
+
+  if (dw != NULL)
+    {
+      pad_input (c, x->data, n, xp);
+      wino_weight_grad (&ww, xp, dy, n, dw, scratch);
+    }
+  if (dx != NULL)
+    {
+      pad_planes (dy, n, c->co, c->h, c->w, c->hp, c->wp, 1, TRUE, dyp);
+      wino_weights (&wx, w->data, TRUE, scratch);
+      wino_run (&wx, dyp, n, scratch, NULL, TRUE, dx, scratch + cc16);
+    }
+}
+
 static void
 conv2d_backward (DfGraph *g, DfRecord *r)
 {
@@ -552,7 +973,11 @@ conv2d_backward (DfGraph *g, DfRecord *r)
   if (df_grad_or_null (r->in[2]) != NULL)
     conv_bias_grad (r->out->grad, r->in[0]->shape[0], c.co,
                     (gsize) c.ho * c.wo, df_grad_or_null (r->in[2]));
-  if (df_grad_or_null (r->in[0]) != NULL || df_grad_or_null (r->in[1]) != NULL)
+  if (df_grad_or_null (r->in[0]) == NULL && df_grad_or_null (r->in[1]) == NULL)
+    return;
+  if (conv_winograd (&c, r->iarg[1]))
+    conv2d_backward_winograd (g, r, &c);
+  else
     conv2d_backward_shifted (g, r, &c);
 }
 
@@ -588,6 +1013,30 @@ df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
   n_tiles = (c.ho + tile_rows - 1) / tile_rows;
   tile_max = (gsize) tile_rows * c.wo;
   y = df_graph_tensor_4d (g, n, c.co, c.ho, c.wo);
+  if (!pw && conv_winograd (&c, pad_hi))
+    {
+      Wino wi;
+      float *u;
+
+      /* Workspace: the padded input [N,Ci,Hp,Wp], the kernel's transform,
+       * then [threads][per unit] scratch. */
+      wino_init (&wi, c.ci, c.co, c.h, c.w);
+      wi.x_chan = (gsize) c.hp * c.wp;
+      wi.x_sample = (gsize) c.ci * wi.x_chan;
+      wi.y_chan = p;
+      wi.y_sample = (gsize) c.co * p;
+      xps = wi.x_sample;
+      work = df_graph_workspace (g, n * xps + (gsize) 16 * c.co * c.ci
+                                    + wino_per_thread (&wi)
+                                      * omp_get_max_threads ());
+      xp = work;
+      u = xp + n * xps;
+      pad_input (&c, x->data, n, xp);
+      wino_weights (&wi, w->data, FALSE, u);
+      wino_run (&wi, xp, n, u, b != NULL ? b->data : NULL, FALSE, y->data,
+                u + (gsize) 16 * c.co * c.ci);
+      goto record;
+    }
   shifted = !pw && conv_shifted (&c);
   if (!pw)
     {
@@ -638,6 +1087,7 @@ df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
             ys[o * p + q] += b->data[o];
     }
 
+record:
   if (df_graph_wants (g, x, w, b, NULL))
     {
       DfRecord *r = df_graph_push (g, conv2d_backward, y);

@@ -230,6 +230,9 @@ static const ConvConf conv_confs[] = {
   { 2, 5, 4, 3, 3, 1, 1, 0, 0, TRUE },   /* 1x1 shortcut (no im2col) */
   { 1, 2, 5, 5, 2, 4, 1, 2, 1, TRUE },   /* even kernel, asymmetric pad */
   { 19, 2, 4, 3, 3, 3, 1, 1, 1, TRUE },  /* dW summed over two runs of samples */
+  { 2, 3, 14, 16, 4, 3, 1, 1, 1, TRUE }, /* Winograd: even, rows of 14+ */
+  { 1, 3, 28, 28, 2, 3, 1, 1, 1, FALSE },/* Winograd, three bands of tiles */
+  { 19, 1, 14, 14, 2, 3, 1, 1, 1, TRUE },/* Winograd dW in three runs */
 };
 
 static void
@@ -260,7 +263,8 @@ test_conv_forward (void)
       char *what;
 
       conv_case (&c, f);
-      ref = g_new (double, 4096);
+      ref = g_new (double, (gsize) f->n * f->co * (f->h + f->pl + f->ph)
+                           * (f->w + f->pl + f->ph));
       conv_ref (c.t[0], c.t[1], f->bias ? c.t[2] : NULL, f->stride, f->pl,
                 f->ph, ref, &ho, &wo);
       y = build_conv (g, &c);
@@ -1078,6 +1082,7 @@ slice_sample (const DfTensor *t, int s)
 }
 
 /* The invariance cases are large enough that OpenMP and OpenBLAS split. */
+#define N_INV_CASES 12
 static void
 inv_cases (InvCase *cases, int *n)
 {
@@ -1095,6 +1100,18 @@ inv_cases (InvCase *cases, int *n)
   k->name = "conv 3x3, batch 19";
   k->build = build_conv;
   conv_case (&k->c, &(ConvConf) { 19, 8, 9, 7, 12, 3, 1, 1, 1, TRUE });
+  k->n_batched = 1;
+
+  k = &cases[(*n)++];
+  k->name = "conv 3x3 Winograd";
+  k->build = build_conv;
+  conv_case (&k->c, &(ConvConf) { 3, 16, 28, 28, 24, 3, 1, 1, 1, TRUE });
+  k->n_batched = 1;
+
+  k = &cases[(*n)++];
+  k->name = "conv 3x3 Winograd, batch 19";    /* dW in three runs */
+  k->build = build_conv;
+  conv_case (&k->c, &(ConvConf) { 19, 4, 14, 14, 6, 3, 1, 1, 1, TRUE });
   k->n_batched = 1;
 
   k = &cases[(*n)++];
@@ -1143,6 +1160,7 @@ inv_cases (InvCase *cases, int *n)
   k->c.t[3] = random_nd (1, 16, 0, 0);
   k->c.n_t = 4;
   k->n_batched = 1;
+  g_assert_cmpint (*n, <=, N_INV_CASES);
 }
 
 static float *
@@ -1158,7 +1176,7 @@ random_seed (gsize n)
 static void
 test_batch_invariance (void)
 {
-  InvCase cases[9];
+  InvCase cases[N_INV_CASES];
   int n_cases;
 
   inv_cases (cases, &n_cases);
@@ -1201,7 +1219,7 @@ test_batch_invariance (void)
 static void
 test_thread_invariance (void)
 {
-  InvCase cases[9];
+  InvCase cases[N_INV_CASES];
   int n_cases, threads = omp_get_max_threads ();
   int blas_threads = df_blas_get_threads ();
 
