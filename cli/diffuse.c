@@ -303,6 +303,11 @@ check_model_options (const GenOptions *o, DfModel *m, DfSampleParams *p,
                    o->class_name);
       return FALSE;
     }
+  if (p->guidance == DF_GUIDANCE_FREE && o->interval == NULL)
+    {
+      p->guide_lo = DF_FREE_GUIDE_LO;
+      p->guide_hi = DF_FREE_GUIDE_HI;
+    }
   if (p->guidance == DF_GUIDANCE_FREE && df_model_uncond_class (m) < 0)
     {
       g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
@@ -382,8 +387,9 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
     { "guidance-scale", 0, 0, G_OPTION_ARG_DOUBLE, &o.scale,
       "Guidance scale, with --class (default 3)", "S" },
     { "guidance-interval", 0, 0, G_OPTION_ARG_STRING, &o.interval,
-      "Guide only at noise levels sigma in (LOW, HIGH] (default 0,inf: "
-      "every step)", "LOW,HIGH" },
+      "Guide only at noise levels sigma in (LOW, HIGH]; 0,inf guides every "
+      "step (default " DF_FREE_GUIDE_TEXT " for free guidance, every step "
+      "for classifier guidance)", "LOW,HIGH" },
     { "classifier", 0, 0, G_OPTION_ARG_FILENAME, &o.classifier,
       "Noisy classifier for --guidance classifier (default: shipped)", "PATH" },
     OPT_THREADS (&o),
@@ -414,8 +420,9 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
     { "guidance-scale", 0, 0, G_OPTION_ARG_DOUBLE, &o.scale,
       "Guidance scale, with --class (default 3)", "S" },
     { "guidance-interval", 0, 0, G_OPTION_ARG_STRING, &o.interval,
-      "Guide only at noise levels sigma in (LOW, HIGH] (default 0,inf: "
-      "every step)", "LOW,HIGH" },
+      "Guide only at noise levels sigma in (LOW, HIGH]; 0,inf guides every "
+      "step (default " DF_FREE_GUIDE_TEXT " for free guidance, every step "
+      "for classifier guidance)", "LOW,HIGH" },
     OPT_THREADS (&o),
     { "out", 'o', 0, G_OPTION_ARG_FILENAME, &o.out,
       "Output folder (default out)", "DIR" },

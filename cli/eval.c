@@ -195,8 +195,8 @@ cli_eval (int argc, char **argv)
     { "guidance-scale", 0, 0, G_OPTION_ARG_DOUBLE, &scale,
       "Classifier-free guidance scale (default 3)", "S" },
     { "guidance-interval", 0, 0, G_OPTION_ARG_STRING, &interval_str,
-      "Guide only at noise levels sigma in (LOW, HIGH] (default 0,inf: "
-      "every step)", "LOW,HIGH" },
+      "Guide only at noise levels sigma in (LOW, HIGH]; 0,inf guides every "
+      "step (default " DF_FREE_GUIDE_TEXT ")", "LOW,HIGH" },
     { "seed", 0, 0, G_OPTION_ARG_STRING, &seed_str,
       "Seed of class 0; class k uses seed + k (default 0)", "N" },
     { "batch", 'b', 0, G_OPTION_ARG_INT, &batch,
@@ -255,6 +255,8 @@ cli_eval (int argc, char **argv)
   if (seed_str && !cli_parse_u64 ("--seed", seed_str, &seed, &error))
     goto out;
   df_sample_params_init (&p);
+  p.guide_lo = DF_FREE_GUIDE_LO;
+  p.guide_hi = DF_FREE_GUIDE_HI;
   if (interval_str
       && !cli_parse_interval ("--guidance-interval", interval_str,
                               &p.guide_lo, &p.guide_hi, &error))

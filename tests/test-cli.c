@@ -172,6 +172,17 @@ assert_same_file (const char *dir_a, const char *dir_b, const char *name)
   g_bytes_unref (b);
 }
 
+static gboolean
+same_file_bytes (const char *dir_a, const char *dir_b, const char *name)
+{
+  GBytes *a = read_file (dir_a, name), *b = read_file (dir_b, name);
+  gboolean same = g_bytes_equal (a, b);
+
+  g_bytes_unref (a);
+  g_bytes_unref (b);
+  return same;
+}
+
 /* ---- fixtures ---- */
 
 /* uncond: add the unconditional class (conditional models); classifier: a
@@ -513,6 +524,37 @@ test_generate_class_name (void)
   assert_same_file (a, b, "0001.png");
   g_free (a);
   g_free (b);
+}
+
+/* Free guidance by default guides only the default interval's noise
+ * levels: the same images as that interval given, others than every step
+ * guided (5 leading steps: sigma 0.01, 0.72, 2.0, 6.2, 26). */
+static void
+test_generate_guidance_interval (void)
+{
+  char *a = new_dir ("interval-default"), *b = new_dir ("interval-given");
+  char *c = new_dir ("interval-every");
+  Run r;
+
+  r = RUN (GENERATE1, "--model", gray_model, "--steps", "5", "--count", "1",
+           "--class", "1", "--out", a, "--quiet");
+  assert_ok (&r);
+  run_clear (&r);
+  r = RUN (GENERATE1, "--model", gray_model, "--steps", "5", "--count", "1",
+           "--class", "1", "--guidance-interval", DF_FREE_GUIDE_TEXT,
+           "--out", b, "--quiet");
+  assert_ok (&r);
+  run_clear (&r);
+  r = RUN (GENERATE1, "--model", gray_model, "--steps", "5", "--count", "1",
+           "--class", "1", "--guidance-interval", "0,inf", "--out", c,
+           "--quiet");
+  assert_ok (&r);
+  run_clear (&r);
+  assert_same_file (a, b, "0000.png");
+  g_assert_false (same_file_bytes (a, c, "0000.png"));
+  g_free (a);
+  g_free (b);
+  g_free (c);
 }
 
 static void
@@ -2635,6 +2677,8 @@ main (int argc, char **argv)
                    test_generate_same_seed);
   g_test_add_func ("/engine/cli/generate/batch-and-threads-invariant",
                    test_generate_batch_invariant);
+  g_test_add_func ("/engine/cli/generate/guidance-interval",
+                   test_generate_guidance_interval);
   g_test_add_func ("/engine/cli/generate/class-name-or-index",
                    test_generate_class_name);
   g_test_add_func ("/engine/cli/generate/progress-lines",

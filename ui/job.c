@@ -236,6 +236,11 @@ fill_sample_params (const DfJob *job, DfSampleParams *sp)
       sp->guidance = p->guidance == 1 ? DF_GUIDANCE_CLASSIFIER
                                       : DF_GUIDANCE_FREE;
       sp->scale = p->scale;
+      if (sp->guidance == DF_GUIDANCE_FREE)
+        {
+          sp->guide_lo = DF_FREE_GUIDE_LO;
+          sp->guide_hi = DF_FREE_GUIDE_HI;
+        }
     }
 }
 
@@ -406,6 +411,15 @@ df_job_params_json (const DfJob *job, int i)
                                                          : "free");
       json_builder_set_member_name (b, "scale");
       json_builder_add_double_value (b, p->scale);
+      if (p->guidance != 1)
+        {
+          /* Noise levels guided: see fill_sample_params. */
+          json_builder_set_member_name (b, "guidance_interval");
+          json_builder_begin_array (b);
+          json_builder_add_double_value (b, DF_FREE_GUIDE_LO);
+          json_builder_add_double_value (b, DF_FREE_GUIDE_HI);
+          json_builder_end_array (b);
+        }
       if (job->classifier_path != NULL)
         {
           json_builder_set_member_name (b, "classifier");
