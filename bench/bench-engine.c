@@ -150,6 +150,38 @@ time_gemms (Forward *f, double *seconds, double *flops)
   g_array_unref (calls);
 }
 
+/* The machine's practical FP32 ceiling: a 1024-cube sgemm on each thread at
+ * once (one-thread OpenBLAS each, as the engine runs it), best of the
+ * repeats, in GFLOP/s over all threads. */
+static double
+time_peak (void)
+{
+  const int n = 1024;
+  int threads = omp_get_max_threads ();
+  gsize nn = (gsize) n * n;
+  float *A = g_new (float, nn), *B = g_new (float, nn);
+  float *C = g_new0 (float, nn * threads);
+  double best = INFINITY;
+
+  df_blas_set_threads (1);
+  df_rng_uniform (1, 0, 0, A, nn);
+  df_rng_uniform (1, 1, 0, B, nn);
+  for (int r = 0; r < opt_repeats + 2; r++)
+    {
+      double t0 = now ();
+#pragma omp parallel for schedule(static, 1)
+      for (int i = 0; i < threads; i++)
+        df_sgemm (DF_NO_TRANS, DF_NO_TRANS, n, n, n, 1.0f, A, n, B, n, 0.0f,
+                  C + nn * i, n);
+      if (r >= 2)
+        best = MIN (best, now () - t0);
+    }
+  g_free (A);
+  g_free (B);
+  g_free (C);
+  return 2.0 * nn * n * threads / best / 1e9;
+}
+
 typedef struct {
   DfGemmCall call;
   int        count;
@@ -371,17 +403,26 @@ main (int argc, char **argv)
             best_cpu = MIN (best_cpu, cpu_now () - c0);
           }
       }
-    if (opt_gemm_profile)
-      {
-        GArray *calls = g_array_new (FALSE, FALSE, sizeof (DfGemmCall));
+    /* One traced step: the arithmetic of a step, in its GEMMs. */
+    {
+      GArray *calls = g_array_new (FALSE, FALSE, sizeof (DfGemmCall));
+      double flops = 0;
 
-        df_blas_trace (calls);
-        if (!df_trainer_step (t, &loss, &error))
-          g_error ("%s", error->message);
-        df_blas_trace (NULL);
+      df_blas_trace (calls);
+      if (!df_trainer_step (t, &loss, &error))
+        g_error ("%s", error->message);
+      df_blas_trace (NULL);
+      for (guint i = 0; i < calls->len; i++)
+        {
+          DfGemmCall *c = &g_array_index (calls, DfGemmCall, i);
+          flops += 2.0 * c->M * c->N * c->K;
+        }
+      json_builder_set_member_name (out, "train_step_gemm_flops");
+      json_builder_add_double_value (out, flops);
+      if (opt_gemm_profile)
         print_gemm_profile (calls);
-        g_array_unref (calls);
-      }
+      g_array_unref (calls);
+    }
     json_builder_set_member_name (out, "train_step_cpu_s");
     json_builder_add_double_value (out, best_cpu);
     json_builder_set_member_name (out, "train_step_s");
@@ -391,6 +432,8 @@ main (int argc, char **argv)
     df_trainer_free (t);
     df_dataset_free (data);
   }
+  json_builder_set_member_name (out, "sgemm_peak_gflops");
+  json_builder_add_double_value (out, time_peak ());
   json_builder_end_object (out);
 
   gen = json_generator_new ();
