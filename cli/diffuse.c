@@ -23,6 +23,7 @@ typedef struct {
   int       steps, count, batch, frames, threads;
   double    eta, scale;
   gboolean  no_clip, quiet;
+  gboolean  interpolate;       /* set by the command, not an option */
 } GenOptions;
 
 static void
@@ -288,9 +289,9 @@ check_model_options (const GenOptions *o, DfModel *m, DfSampleParams *p,
       g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
                    "--guidance-scale %g has no effect: %s has no "
                    "unconditional class, so --class %s samples without "
-                   "guidance; give --guidance classifier or drop "
-                   "--guidance-scale", o->scale, df_model_path (m),
-                   o->class_name);
+                   "guidance; %sdrop --guidance-scale", o->scale,
+                   df_model_path (m), o->class_name,
+                   o->interpolate ? "" : "give --guidance classifier or ");
       return FALSE;
     }
   if (p->guidance == DF_GUIDANCE_NONE && o->interval != NULL)
@@ -298,9 +299,9 @@ check_model_options (const GenOptions *o, DfModel *m, DfSampleParams *p,
       g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
                    "--guidance-interval %s has no effect: %s has no "
                    "unconditional class, so --class %s samples without "
-                   "guidance; give --guidance classifier or drop "
-                   "--guidance-interval", o->interval, df_model_path (m),
-                   o->class_name);
+                   "guidance; %sdrop --guidance-interval", o->interval,
+                   df_model_path (m), o->class_name,
+                   o->interpolate ? "" : "give --guidance classifier or ");
       return FALSE;
     }
   if (p->guidance == DF_GUIDANCE_FREE && o->interval == NULL)
@@ -352,7 +353,42 @@ check_model_options (const GenOptions *o, DfModel *m, DfSampleParams *p,
         }
       *classifier = c;
     }
+
+  /* Guidance options that would guide no step: at scale 1 free guidance
+   * is the conditional prediction everywhere, and an interval can hold
+   * none of the steps' noise levels (diffuse schedule --sigma lists
+   * them). */
+  if (p->guidance == DF_GUIDANCE_FREE && o->interval && p->scale == 1.0)
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--guidance-interval %s has no effect at guidance scale "
+                   "1 (the conditional prediction at every step): drop it "
+                   "or give another --guidance-scale", o->interval);
+      goto refuse;
+    }
+  if (p->guidance != DF_GUIDANCE_NONE
+      && (o->interval || o->scale != CLI_DOUBLE_UNSET)
+      && df_sample_guided_steps (df_model_schedule (m), p) == 0)
+    {
+      if (o->interval)
+        g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                     "--guidance-interval %s holds none of the %d steps' "
+                     "noise levels, so nothing is guided: widen it or give "
+                     "more --steps (diffuse schedule --steps %d lists their "
+                     "sigma)", o->interval, p->steps, p->steps);
+      else
+        g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                     "--guidance-scale %g has no effect: none of the %d "
+                     "steps has a noise level in the default guidance "
+                     "interval (" DF_FREE_GUIDE_TEXT "]; give more --steps "
+                     "or --guidance-interval 0,inf", o->scale, p->steps);
+      goto refuse;
+    }
   return TRUE;
+
+refuse:
+  g_clear_pointer (classifier, df_model_free);
+  return FALSE;
 }
 
 static int
@@ -421,8 +457,7 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
       "Guidance scale, with --class (default 3)", "S" },
     { "guidance-interval", 0, 0, G_OPTION_ARG_STRING, &o.interval,
       "Guide only at noise levels sigma in (LOW, HIGH]; 0,inf guides every "
-      "step (default " DF_FREE_GUIDE_TEXT " for free guidance, every step "
-      "for classifier guidance)", "LOW,HIGH" },
+      "step (default " DF_FREE_GUIDE_TEXT ")", "LOW,HIGH" },
     OPT_THREADS (&o),
     { "out", 'o', 0, G_OPTION_ARG_FILENAME, &o.out,
       "Output folder (default out)", "DIR" },
@@ -441,6 +476,7 @@ cmd_sample (int argc, char **argv, gboolean interpolate)
   gboolean ok = FALSE;
 
   gen_options_init (&o);
+  o.interpolate = interpolate;
   if (!cli_parse (cmd, "", interpolate
                   ? "Decode frames of slerped noise between two seeds with "
                     "DDIM (eta 0) into DIR/0000.png ... and DIR/strip.png."
@@ -688,7 +724,9 @@ cli_schedule (int argc, char **argv)
   gboolean ok = FALSE;
 
   if (!cli_parse ("schedule", "", "Print the sampling timesteps as rows of "
-                  "\"index timestep alpha_bar\".", entries, &argc, &argv,
+                  "\"index timestep alpha_bar sigma\", sigma = sqrt ((1 - "
+                  "alpha_bar) / alpha_bar) the noise level that "
+                  "--guidance-interval is given in.", entries, &argc, &argv,
                   &error))
     goto out;
   if (kind_name && !df_beta_schedule_parse (kind_name, &kind))
@@ -758,11 +796,16 @@ cli_schedule (int argc, char **argv)
   ts = g_new (int, steps);
   if (!df_schedule_timesteps (sch, steps, spacing, ts, &error))
     goto out;
-  printf ("# %s, T %d, %d steps, %s spacing\n# index timestep alpha_bar\n",
+  printf ("# %s, T %d, %d steps, %s spacing\n"
+          "# index timestep alpha_bar sigma\n",
           df_beta_schedule_name (sch->kind), sch->T, steps,
           df_spacing_name (spacing));
   for (int i = 0; i < steps; i++)
-    printf ("%d %d %.9g\n", i, ts[i], sch->alphas_cumprod[ts[i]]);
+    {
+      double ab = sch->alphas_cumprod[ts[i]];
+
+      printf ("%d %d %.9g %.6g\n", i, ts[i], ab, sqrt ((1 - ab) / ab));
+    }
   ok = TRUE;
 
 out:

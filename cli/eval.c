@@ -223,7 +223,7 @@ cli_eval (int argc, char **argv)
   float *floor_x = NULL, *same_x = NULL;
   guint64 seed = 0;
   gboolean ok = FALSE;
-  int k, c, s, d, hits = 0;
+  int k, c, s, d, hits = 0, guided;
   gsize image;
 
   if (!cli_parse ("eval", "", "Class accuracy (by the classifier at t = 0) "
@@ -311,6 +311,19 @@ cli_eval (int argc, char **argv)
                    df_model_path (m), df_model_schedule (m)->T);
       goto out;
     }
+  p.steps = steps;
+  p.guidance = DF_GUIDANCE_FREE;
+  p.scale = scale;
+  guided = df_sample_guided_steps (df_model_schedule (m), &p);
+  if (interval_str && scale != 1.0 && guided == 0)
+    {
+      g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--guidance-interval %s holds none of the %d steps' noise "
+                   "levels, so nothing is guided: widen it or give more "
+                   "--steps (diffuse schedule --steps %d lists their sigma)",
+                   interval_str, steps, steps);
+      goto out;
+    }
   feat = df_features_new (cls, &error);
   if (feat == NULL)
     goto out;
@@ -367,9 +380,6 @@ cli_eval (int argc, char **argv)
   /* Samples: class j gets count / k, the first count % k one more. */
   samples = g_new (float, (gsize) count * image);   /* [count,C,H,W] */
   asked = g_new (int, count);                       /* [count] */
-  p.steps = steps;
-  p.guidance = DF_GUIDANCE_FREE;
-  p.scale = scale;
   cli_progress_init (&progress, "eval: sampling", 0, quiet);
   for (int j = 0; j < k; j++)
     {
@@ -457,8 +467,11 @@ cli_eval (int argc, char **argv)
 
     printf ("samples: %d over %d classes, DDIM %d steps, eta 0, "
             "classifier-free guidance scale %g", count, k, steps, scale);
-    if (p.guide_lo > 0 || !isinf (p.guide_hi))
-      printf (" at sigma in (%g, %g]", p.guide_lo, p.guide_hi);
+    if (guided == steps)
+      printf (" at every step");
+    else
+      printf (" at sigma in (%g, %g] (%d of the %d steps)", p.guide_lo,
+              p.guide_hi, guided, steps);
     printf (", seed %" G_GUINT64_FORMAT "\n", seed);
     printf ("accuracy: %.2f%% (%d of %d asked classes by %s at t = 0)\n",
             100.0 * hits / count, hits, count, df_model_path (cls));

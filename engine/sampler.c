@@ -122,6 +122,33 @@ df_sample_params_check (const DfSampleParams *p, const DfSchedule *s,
 
 #undef INVALID
 
+/* Whether timestep t's noise level is in p's guidance interval. */
+static gboolean
+guided_at (const DfSchedule *s, const DfSampleParams *p, int t)
+{
+  double ab = s->alphas_cumprod[t], noise = sqrt ((1 - ab) / ab);
+
+  return noise > p->guide_lo && noise <= p->guide_hi;
+}
+
+int
+df_sample_guided_steps (const DfSchedule *s, const DfSampleParams *p)
+{
+  int *ts, n = 0;
+
+  g_return_val_if_fail (s != NULL && p != NULL, -1);
+  if (p->steps < 1 || p->steps > s->T)
+    return -1;
+  ts = g_new (int, p->steps);
+  if (!df_schedule_timesteps (s, p->steps, p->spacing, ts, NULL))
+    n = -1;
+  else
+    for (int k = 0; k < p->steps; k++)
+      n += guided_at (s, p, ts[k]);
+  g_free (ts);
+  return n;
+}
+
 void
 df_sample_initial_noise (guint64 seed, guint64 index, int size, float *out)
 {
@@ -339,8 +366,7 @@ df_sample (const DfSchedule *s, const DfDenoiser *d,
                           : p->final_alpha_one ? 1.0
                           : s->alphas_cumprod[0];
       double sa_t = sqrt (ab_t), sb_t = sqrt (1 - ab_t), sa_s = sqrt (ab_s);
-      double noise = sb_t / sa_t;
-      gboolean guided = noise > p->guide_lo && noise <= p->guide_hi;
+      gboolean guided = guided_at (s, p, t);
       gboolean classifier = p->guidance == DF_GUIDANCE_CLASSIFIER;
       /* Outside the interval: free guidance conditional, classifier none. */
       double scale = guided ? p->scale : classifier ? 0.0 : 1.0;

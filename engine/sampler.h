@@ -90,6 +90,13 @@ typedef struct {
 gboolean df_sample_params_check (const DfSampleParams *p, const DfSchedule *s,
                                  const DfDenoiser *d, GError **error);
 
+/* How many of p's steps guidance applies at: those whose noise level is
+ * in p's guidance interval (all of them for the default one), or -1 if
+ * p's steps or spacing do not fit s.  The front ends use it to refuse a
+ * guidance option that would guide no step. */
+int      df_sample_guided_steps  (const DfSchedule *s,
+                                  const DfSampleParams *p);
+
 /* The initial noise of sample index, as a sampler would draw it. */
 void     df_sample_initial_noise (guint64 seed, guint64 index, int size,
                                   float *out);

@@ -542,7 +542,11 @@ df_unet_config_validate (const DfUNetConfig *cfg, GError **error)
           && c % cfg->attention_head_dim != 0)
         return config_error (error, "attention_head_dim", "%d does not "
                              "divide the %d channels of block %d, which has "
-                             "attention", cfg->attention_head_dim, c, i);
+                             "attention%s", cfg->attention_head_dim, c, i,
+                             cfg->down_attention[i]
+                             || cfg->up_attention[cfg->n_blocks - 1 - i]
+                             ? "" : " (the mid block's; diffuse train "
+                                    "--head-dim sets the head size)");
     }
   if (cfg->attention_head_dim < 0)
     return config_error (error, "attention_head_dim", "%d must be positive "

@@ -661,12 +661,14 @@ test_schedule (void)
       for (int i = 0; lines[i]; i++)
         {
           int index, t;
-          double ab;
+          double ab, sigma;
 
           if (lines[i][0] == '#' || lines[i][0] == 0)
             continue;
-          g_assert_cmpint (sscanf (lines[i], "%d %d %lf", &index, &t, &ab),
-                           ==, 3);
+          g_assert_cmpint (sscanf (lines[i], "%d %d %lf %lf", &index, &t, &ab,
+                                   &sigma), ==, 4);
+          g_assert_cmpfloat (fabs (sigma - sqrt ((1 - ab) / ab)), <=,
+                             1e-5 * sigma);
           g_assert_cmpint (index, ==, rows);
           /* Descending, hence distinct, inside [0, T-1]. */
           g_assert_cmpint (t, <, prev);
@@ -943,6 +945,23 @@ static const BadCase bad_cases[] = {
     { "generate", "--model", "@gray", "--class", "1",
       "--guidance-interval", "0.5,lots" },
     "--guidance-interval '0.5,lots': give LOW,HIGH" },
+  { "guidance-interval-guides-nothing",
+    { "generate", "--model", "@gray", "--class", "1", "--steps", "5",
+      "--guidance-interval", "200,inf" },
+    "--guidance-interval 200,inf holds none of the 5 steps' noise levels" },
+  { "guidance-scale-default-interval-guides-nothing",
+    { "generate", "--model", "@gray", "--class", "1", "--steps", "2",
+      "--guidance-scale", "2" },
+    "--guidance-scale 2 has no effect: none of the 2 steps has a noise "
+    "level in the default guidance interval (0.28,3]" },
+  { "guidance-interval-at-scale-one",
+    { "generate", "--model", "@gray", "--class", "1", "--guidance-scale",
+      "1", "--guidance-interval", "0.5,5" },
+    "--guidance-interval 0.5,5 has no effect at guidance scale 1" },
+  { "interpolate-guidance-scale-no-uncond-class",
+    { "interpolate", "--model", "@nouncond", "--seeds", "1,2", "--class", "1",
+      "--guidance-scale", "2" },
+    "samples without guidance; drop --guidance-scale" },
   { "guidance-interval-negative",
     { "generate", "--model", "@gray", "--class", "1",
       "--guidance-interval", "-1,2" },
@@ -1213,6 +1232,22 @@ test_train_and_eval (void)
   /* 6 samples against 12 floor images: the floor at 6 images too */
   g_assert_nonnull (strstr (r.out, "frechet floor at the sample count: "));
   g_assert_nonnull (strstr (r.out, "(6 training images vs"));
+  /* The default interval and how many steps it guided (sigma 9.5, 1.5,
+   * 0.01 at 3 leading steps). */
+  g_assert_nonnull (strstr (r.out, "at sigma in (0.28, 3] (1 of the 3 "
+                                   "steps)"));
+  run_clear (&r);
+
+  r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,
+           "--test-data", test, "--count", "6", "--steps", "3",
+           "--train-count", "6", "--guidance-interval", "0,inf", "--quiet");
+  assert_ok (&r);
+  g_assert_nonnull (strstr (r.out, "scale 3 at every step, seed 0"));
+  run_clear (&r);
+  r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,
+           "--test-data", test, "--count", "6", "--steps", "3",
+           "--train-count", "6", "--guidance-interval", "500,inf", "--quiet");
+  assert_one_line_error (&r, "--guidance-interval 500,inf holds none of the 3 steps'");
   run_clear (&r);
 
   r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,
@@ -1286,7 +1321,7 @@ test_generate_explicit_options (void)
     {
       char *dir = new_dir ("explicit");
       const char *args[24] = { GENERATE1, "--model", gray_model, "--count",
-                               "1", "--steps", "2", "--quiet", "--out", dir };
+                               "1", "--steps", "5", "--quiet", "--out", dir };
       int n = 12;
       Run r;
 

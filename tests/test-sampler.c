@@ -765,15 +765,18 @@ test_guidance_interval (void)
     }
   g_test_message ("guided at %d of %d steps", guided, S);
   g_assert_cmpint (guided, ==, 9);
+  g_assert_cmpint (df_sample_guided_steps (s, &p), ==, guided);
 
   /* No step inside: conditional; every step inside: full guidance. */
   p.guide_lo = 1e6;
   p.guide_hi = 1e7;
+  g_assert_cmpint (df_sample_guided_steps (s, &p), ==, 0);
   none = run (&tr.o, &p, 0, N, NULL);
   assert_same_bits (cond, none, N * P);
   g_free (none);
   p.guide_lo = 0.001;
   p.guide_hi = 1000;
+  g_assert_cmpint (df_sample_guided_steps (s, &p), ==, S);
   none = run (&tr.o, &p, 0, N, NULL);
   assert_same_bits (full, none, N * P);
   g_test_message ("on class 1's side: conditional %.4f, interval %.4f, "
