@@ -98,6 +98,18 @@ static const char script_body[] =
   "       (r (plug-in-diffusion-generate RUN-NONINTERACTIVE img (cadr a)\n"
   "            \"\" 1 5 0.0 9 0)))\n"
   "  (save img (vector-ref (cadr r) 0) \"gen-seed-b\"))\n"
+  /* C2: Interpolate towards class 2 guides as Class-guided does (free,
+   * scale 3, the default interval): its first frame is Class-guided's
+   * image of seed a. */
+  "(let* ((a (new-image 24 24 RGB RGB-IMAGE)) (img (car a))\n"
+  "       (r (plug-in-diffusion-interpolate RUN-NONINTERACTIVE img (cadr a)\n"
+  "            \"\" 7 9 3 5 2)))\n"
+  "  (emit-layers \"interp-class\" img r)\n"
+  "  (save img (vector-ref (cadr r) 0) \"frame-class-first\"))\n"
+  "(let* ((a (new-image 24 24 RGB RGB-IMAGE)) (img (car a))\n"
+  "       (r (plug-in-diffusion-class-guided RUN-NONINTERACTIVE img (cadr a)\n"
+  "            \"\" 2 1 5 0.0 7 0 3.0 \"\")))\n"
+  "  (save img (vector-ref (cadr r) 0) \"guided-seed-a\"))\n"
   /* D: Class-guided, classifier-free, on a layer with alpha. */
   "(let* ((a (new-image 24 24 RGB RGBA-IMAGE)) (img (car a)))\n"
   "  (emit-layers \"cfg\" img (plug-in-diffusion-class-guided\n"
@@ -434,6 +446,30 @@ test_interpolate_layers (void)
   g_object_unref (parser);
 }
 
+/* The frames record the guidance they were made with. */
+static void
+test_interpolate_class_parasite (void)
+{
+  JsonParser *parser = json_parser_new ();
+  JsonObject *o;
+
+  assert_layers ("interp-class", 3, 1, "24x24");
+  if (g_test_failed ())
+    return;
+  o = parasite_json ("interp-class", 1, parser);
+  g_assert_cmpint (json_object_get_int_member (o, "class"), ==, 2);
+  g_assert_cmpstr (json_object_get_string_member (o, "guidance"), ==, "free");
+  g_assert_cmpfloat (json_object_get_double_member (o, "scale"), ==, 3.0);
+  g_assert_true (json_object_has_member (o, "guidance_interval"));
+  g_object_unref (parser);
+
+  /* Without a class there is nothing to guide towards. */
+  parser = json_parser_new ();
+  o = parasite_json ("interp", 0, parser);
+  g_assert_false (json_object_has_member (o, "guidance"));
+  g_object_unref (parser);
+}
+
 static void
 test_interpolate_ends (gconstpointer data)
 {
@@ -522,6 +558,8 @@ main (int argc, char **argv)
 {
   static const char *const first[] = { "frame-first", "gen-seed-a" };
   static const char *const last[] = { "frame-last", "gen-seed-b" };
+  static const char *const class_first[] = { "frame-class-first",
+                                             "guided-seed-a" };
   static const char *const bad[][2] = {
     { "steps0", "steps 0 is out of range" },
     { "eta-1", "eta -1 is out of range" },
@@ -562,6 +600,10 @@ main (int argc, char **argv)
                         first, test_interpolate_ends);
   g_test_add_data_func ("/plugin/gimp/interpolate/last-frame-is-seed-b",
                         last, test_interpolate_ends);
+  g_test_add_data_func ("/plugin/gimp/interpolate/class-is-guided",
+                        class_first, test_interpolate_ends);
+  g_test_add_func ("/plugin/gimp/interpolate/class-parasite",
+                   test_interpolate_class_parasite);
   g_test_add_func ("/plugin/gimp/class-guided/layers",
                    test_class_guided_layers);
   g_test_add_func ("/plugin/gimp/class-guided/classifier",

@@ -231,6 +231,17 @@ fill_sample_params (const DfJob *job, DfSampleParams *sp)
   if (sp->label < 0 && uncond >= 0)
     sp->label = uncond;
 
+  /* Interpolation towards a class guides as the CLI's does: free, at the
+   * default scale and interval, when the model has an unconditional
+   * class. */
+  if (p->kind == DF_PROC_INTERPOLATE && p->class_label >= 0 && uncond >= 0)
+    {
+      sp->guidance = DF_GUIDANCE_FREE;
+      sp->scale = p->scale;
+      sp->guide_lo = DF_FREE_GUIDE_LO;
+      sp->guide_hi = DF_FREE_GUIDE_HI;
+    }
+
   if (p->kind == DF_PROC_CLASS_GUIDED)
     {
       sp->guidance = p->guidance == 1 ? DF_GUIDANCE_CLASSIFIER
@@ -359,6 +370,7 @@ df_job_params_json (const DfJob *job, int i)
 {
   const DfPluginParams *p = &job->params;
   JsonBuilder *b = json_builder_new ();
+  DfSampleParams sp;
   JsonNode *root;
   char *text;
 
@@ -404,20 +416,21 @@ df_job_params_json (const DfJob *job, int i)
       json_builder_add_int_value (b, p->count);
     }
 
-  if (p->kind == DF_PROC_CLASS_GUIDED)
+  /* The guidance as sampled (see fill_sample_params). */
+  fill_sample_params (job, &sp);
+  if (sp.guidance != DF_GUIDANCE_NONE)
     {
       json_builder_set_member_name (b, "guidance");
-      json_builder_add_string_value (b, p->guidance == 1 ? "classifier"
-                                                         : "free");
+      json_builder_add_string_value (b, sp.guidance == DF_GUIDANCE_CLASSIFIER
+                                        ? "classifier" : "free");
       json_builder_set_member_name (b, "scale");
-      json_builder_add_double_value (b, p->scale);
-      if (p->guidance != 1)
+      json_builder_add_double_value (b, sp.scale);
+      if (sp.guidance == DF_GUIDANCE_FREE)
         {
-          /* Noise levels guided: see fill_sample_params. */
           json_builder_set_member_name (b, "guidance_interval");
           json_builder_begin_array (b);
-          json_builder_add_double_value (b, DF_FREE_GUIDE_LO);
-          json_builder_add_double_value (b, DF_FREE_GUIDE_HI);
+          json_builder_add_double_value (b, sp.guide_lo);
+          json_builder_add_double_value (b, sp.guide_hi);
           json_builder_end_array (b);
         }
       if (job->classifier_path != NULL)
