@@ -231,7 +231,8 @@ static const ConvConf conv_confs[] = {
   { 1, 2, 5, 5, 2, 4, 1, 2, 1, TRUE },   /* even kernel, asymmetric pad */
   { 19, 2, 4, 3, 3, 3, 1, 1, 1, TRUE },  /* dW summed over two runs of samples */
   { 2, 3, 14, 16, 4, 3, 1, 1, 1, TRUE }, /* Winograd: even, rows of 14+ */
-  { 1, 3, 28, 28, 2, 3, 1, 1, 1, FALSE },/* Winograd, three bands of tiles */
+  { 1, 3, 28, 28, 2, 3, 1, 1, 1, FALSE },/* Winograd, one unit a sample */
+  { 1, 2, 36, 36, 2, 3, 1, 1, 1, TRUE }, /* Winograd, two bands of tiles */
   { 19, 1, 14, 14, 2, 3, 1, 1, 1, TRUE },/* Winograd dW in three runs */
 };
 
