@@ -406,10 +406,11 @@ conv_tile_store (const ConvGeom *c, const float *acc, int y0, int y1,
  *         | 0  1  0 -1 |       | 0    0    1   |
  *
  * Used for the "same" 3x3 convolutions (stride 1, pad 1) of even size and
- * rows of 14 or more, forward and for the input gradient (the transposed
- * convolution is a "same" 3x3 one by the flipped, transposed kernel).  A
- * unit is (sample, band of tile rows), so results depend on neither the
- * batch nor the thread count. */
+ * rows of 14 or more: forward, input gradient (the transposed convolution
+ * is a "same" 3x3 one by the flipped, transposed kernel) and weight
+ * gradient (wino_weight_grad).  A unit is (sample, band of tile rows), so
+ * results depend on neither the batch nor the thread count.  Odd sizes
+ * (the UNet's 7 x 7 level) keep the direct forms below. */
 
 /* Tiles per unit, about: the GEMMs' N.  Up to 32 x 32 images a unit is a
  * whole sample (196 tiles at 28 x 28): at the UNet's 32 to 64 channels a
