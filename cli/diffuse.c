@@ -304,7 +304,10 @@ check_model_options (const GenOptions *o, DfModel *m, DfSampleParams *p,
                    o->interpolate ? "" : "give --guidance classifier or ");
       return FALSE;
     }
-  if (p->guidance == DF_GUIDANCE_FREE && o->interval == NULL)
+  /* The default interval; scale 0 asks for unconditional sampling, which
+   * outside an interval would be conditional. */
+  if (p->guidance == DF_GUIDANCE_FREE && o->interval == NULL
+      && p->scale != 0.0)
     {
       p->guide_lo = DF_FREE_GUIDE_LO;
       p->guide_hi = DF_FREE_GUIDE_HI;

@@ -255,8 +255,19 @@ cli_eval (int argc, char **argv)
   if (seed_str && !cli_parse_u64 ("--seed", seed_str, &seed, &error))
     goto out;
   df_sample_params_init (&p);
-  p.guide_lo = DF_FREE_GUIDE_LO;
-  p.guide_hi = DF_FREE_GUIDE_HI;
+  if (scale != 0.0)
+    {
+      p.guide_lo = DF_FREE_GUIDE_LO;
+      p.guide_hi = DF_FREE_GUIDE_HI;
+    }
+  if (interval_str && scale == 1.0)
+    {
+      g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--guidance-interval %s has no effect at guidance scale 1 "
+                   "(the conditional prediction at every step): drop it or "
+                   "give another --guidance-scale", interval_str);
+      goto out;
+    }
   if (interval_str
       && !cli_parse_interval ("--guidance-interval", interval_str,
                               &p.guide_lo, &p.guide_hi, &error))
@@ -315,7 +326,7 @@ cli_eval (int argc, char **argv)
   p.guidance = DF_GUIDANCE_FREE;
   p.scale = scale;
   guided = df_sample_guided_steps (df_model_schedule (m), &p);
-  if (interval_str && scale != 1.0 && guided == 0)
+  if (interval_str && guided == 0)
     {
       g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
                    "--guidance-interval %s holds none of the %d steps' noise "

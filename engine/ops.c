@@ -408,9 +408,10 @@ conv_tile_store (const ConvGeom *c, const float *acc, int y0, int y1,
  * Used for the "same" 3x3 convolutions (stride 1, pad 1) of even size and
  * rows of 14 or more: forward, input gradient (the transposed convolution
  * is a "same" 3x3 one by the flipped, transposed kernel) and weight
- * gradient (wino_weight_grad).  A unit is (sample, band of tile rows), so
- * results depend on neither the batch nor the thread count.  Odd sizes
- * (the UNet's 7 x 7 level) keep the direct forms below. */
+ * gradient (wino_weight_grad).  A unit is (sample, band of tile rows), a
+ * run of samples for dW, so results depend on neither the batch nor the
+ * thread count.  Odd sizes (the UNet's 7 x 7 level) and rows under 14
+ * keep the direct forms below. */
 
 /* Tiles per unit, about: the GEMMs' N.  Up to 32 x 32 images a unit is a
  * whole sample (196 tiles at 28 x 28): at the UNet's 32 to 64 channels a
@@ -424,9 +425,9 @@ typedef struct {
   int    h, w;                /* output size = input size, both even */
   int    th, tw;              /* tile rows and columns: h / 2, w / 2 */
   int    band, n_bands;       /* tile rows per unit, units per sample */
-  gsize  wp;                  /* padded input row: w + 2 */
-  gsize  x_sample, x_chan;    /* padded input strides (it is h + 2 rows) */
-  gsize  y_sample, y_chan;    /* output strides */
+  gsize  wp;                  /* padded input row: w + 2 (and h + 2 rows) */
+  gsize  x_sample, x_chan;    /* padded input strides */
+  gsize  y_sample, y_chan;    /* output strides (dY's, for dW) */
 } Wino;
 
 static gboolean
@@ -436,8 +437,11 @@ conv_winograd (const ConvGeom *c, int pad_hi)
          && pad_hi == 1 && c->h % 2 == 0 && c->w % 2 == 0 && c->w >= 14;
 }
 
+/* A "same" 3x3 convolution ci -> co on h x w planes, its padded input and
+ * its output laid out with the given strides. */
 static void
-wino_init (Wino *wi, int ci, int co, int h, int w)
+wino_init (Wino *wi, int ci, int co, int h, int w, gsize x_sample,
+           gsize x_chan, gsize y_sample, gsize y_chan)
 {
   int tiles;
 
@@ -452,30 +456,50 @@ wino_init (Wino *wi, int ci, int co, int h, int w)
   wi->band = (wi->th + wi->n_bands - 1) / wi->n_bands;
   wi->n_bands = (wi->th + wi->band - 1) / wi->band;
   wi->wp = (gsize) w + 2;
+  wi->x_sample = x_sample;
+  wi->x_chan = x_chan;
+  wi->y_sample = y_sample;
+  wi->y_chan = y_chan;
 }
 
-/* Floats of a unit's scratch: V [16][Ci,T] and M [16][Co,T], T its tiles. */
+/* Floats of wino_input's row buffers: four padded rows, and the even and
+ * odd halves of four. */
+static gsize
+wino_rows (const Wino *wi)
+{
+  return 4 * wi->wp + 8 * ((gsize) wi->tw + 1);
+}
+
+/* Floats of a thread's scratch: a unit's V [16][Ci,T] and M [16][Co,T]
+ * (E instead of M for dW), T its tiles, at least the [9][Ci] taps of
+ * wino_weights, then wino_input's rows.  All of it lives in the graph's
+ * workspace: nothing sized by the input goes on a thread's stack. */
 static gsize
 wino_per_thread (const Wino *wi)
 {
-  return (gsize) 16 * wi->band * wi->tw * (wi->ci + wi->co);
+  gsize unit = (gsize) 16 * wi->band * wi->tw * (wi->ci + wi->co);
+
+  return MAX (unit, (gsize) 9 * wi->ci) + wino_rows (wi);
 }
 
-/* u [Co][16][Ci] = G g G^T of w [Co,Ci,3,3], so that transform k is the
- * matrix [Co,Ci] at u + k Ci with rows 16 Ci apart; with flip, of the
- * transposed convolution's kernel instead: w is [Ci,Co,3,3] (the
- * forward's) and the kernel of (o, c) is w[c, o] rotated by 180 degrees.
- * Per output channel, the taps go to planes [9][Ci] first so that the
- * transform runs over contiguous kernels. */
+/* u [Co][16][Ci] = G g G^T of each kernel g, so that transform k is the
+ * matrix [Co,Ci] at u + k Ci with rows 16 Ci apart.  w is the forward's
+ * [Co,Ci,3,3]; with flip, wi is the transposed convolution (its ci and co
+ * the forward's co and ci), whose kernel (o, c) is the forward's (c, o)
+ * rotated by 180 degrees.  Per output channel the taps go to planes
+ * [9][Ci] in the thread's scratch first, so that the transform runs over
+ * contiguous kernels. */
 static void
-wino_weights (const Wino *wi, const float *w, gboolean flip, float *u)
+wino_weights (const Wino *wi, const float *w, gboolean flip, float *u,
+              float *work)
 {
   int ci = wi->ci, co = wi->co;
+  gsize per_thread = wino_per_thread (wi);
 
 #pragma omp parallel for schedule(static) if ((gsize) co * ci * 16 > DF_PAR_MIN)
   for (int o = 0; o < co; o++)
     {
-      float g[9][ci];
+      float *restrict g = work + per_thread * omp_get_thread_num ();
       float *restrict uo = u + (gsize) o * 16 * ci;
 
       for (int c = 0; c < ci; c++)
@@ -484,7 +508,7 @@ wino_weights (const Wino *wi, const float *w, gboolean flip, float *u)
                                 : w + ((gsize) o * ci + c) * 9;
 
           for (int j = 0; j < 9; j++)
-            g[j][c] = k[flip ? 8 - j : j];
+            g[(gsize) j * ci + c] = k[flip ? 8 - j : j];
         }
       for (int r = 0; r < 4; r++)
         {
@@ -499,7 +523,9 @@ wino_weights (const Wino *wi, const float *w, gboolean flip, float *u)
 
               for (int col = 0; col < 3; col++)
                 {
-                  float a = g[col][c], b = g[3 + col][c], d = g[6 + col][c];
+                  float a = g[(gsize) col * ci + c];
+                  float b = g[(gsize) (3 + col) * ci + c];
+                  float d = g[(gsize) (6 + col) * ci + c];
 
                   t[col] = r == 0 ? a : r == 3 ? d
                            : r == 1 ? 0.5f * (a + b + d) : 0.5f * (a - b + d);
@@ -513,21 +539,21 @@ wino_weights (const Wino *wi, const float *w, gboolean flip, float *u)
     }
 }
 
-/* V[k][c, t] = (B^T d B)[k] for the tiles t of tile rows [a0, a1), d the
- * 4x4 patch of the padded input xs (one sample) at tile t; V's rows are T
- * floats long.  Rows first: t_i = B^T rows of
- * the patch rows, whole padded rows at once; then columns, on the even and
- * odd halves of those rows so that each of the 16 results is a run over
- * the tile columns. */
+/* V[k][c, t] = (B^T d B)[k] for channels [c0, c1) and the tiles t of tile
+ * rows [a0, a1), d the 4x4 patch of the padded input xs (one sample) at
+ * tile t; V's rows are T floats long.  Rows first: B^T times the patch
+ * rows, whole padded rows at once; then columns, on the even and odd
+ * halves of those rows so that each of the 16 results is a run over the
+ * tile columns.  rows: wino_rows floats. */
 static void
-wino_input (const Wino *wi, const float *xs, int a0, int a1, gsize T,
-            float *v)
+wino_input (const Wino *wi, const float *xs, int c0, int c1, int a0, int a1,
+            gsize T, float *v, float *rows)
 {
   int tw = wi->tw;
-  gsize wp = wi->wp;
-  float t[4][wp], e[4][tw + 1], od[4][tw + 1];
+  gsize wp = wi->wp, half = (gsize) tw + 1;
+  float *t = rows, *e = t + 4 * wp, *od = e + 4 * half;
 
-  for (int c = 0; c < wi->ci; c++)
+  for (int c = c0; c < c1; c++)
     for (int a = a0; a < a1; a++)
       {
         const float *r0 = xs + c * wi->x_chan + (gsize) 2 * a * wp;
@@ -536,43 +562,45 @@ wino_input (const Wino *wi, const float *xs, int a0, int a1, gsize T,
 
         for (gsize j = 0; j < wp; j++)
           {
-            t[0][j] = r0[j] - r2[j];
-            t[1][j] = r1[j] + r2[j];
-            t[2][j] = r2[j] - r1[j];
-            t[3][j] = r1[j] - r3[j];
+            t[j] = r0[j] - r2[j];
+            t[wp + j] = r1[j] + r2[j];
+            t[2 * wp + j] = r2[j] - r1[j];
+            t[3 * wp + j] = r1[j] - r3[j];
           }
         for (int i = 0; i < 4; i++)
           for (int j = 0; j <= tw; j++)
             {
-              e[i][j] = t[i][2 * j];
-              od[i][j] = t[i][2 * j + 1];
+              e[i * half + j] = t[i * wp + 2 * j];
+              od[i * half + j] = t[i * wp + 2 * j + 1];
             }
         for (int i = 0; i < 4; i++)
           {
+            const float *ei = e + i * half, *oi = od + i * half;
             float *v0 = v + (gsize) (4 * i) * wi->ci * T + base;
             float *v1 = v0 + (gsize) wi->ci * T, *v2 = v1 + (gsize) wi->ci * T;
             float *v3 = v2 + (gsize) wi->ci * T;
 
             for (int b = 0; b < tw; b++)
               {
-                v0[b] = e[i][b] - e[i][b + 1];
-                v1[b] = od[i][b] + e[i][b + 1];
-                v2[b] = e[i][b + 1] - od[i][b];
-                v3[b] = od[i][b] - od[i][b + 1];
+                v0[b] = ei[b] - ei[b + 1];
+                v1[b] = oi[b] + ei[b + 1];
+                v2[b] = ei[b + 1] - oi[b];
+                v3[b] = oi[b] - oi[b + 1];
               }
           }
       }
 }
 
-/* ys[o, rows 2a..2a+1] (+)= A^T M[., o, tiles of row a] A (+ bias[o]). */
+/* ys[o, rows 2a..2a+1] (+)= A^T M[., o, tiles of row a] A (+ bias[o]) for
+ * output channels [o0, o1) and tile rows [a0, a1). */
 static void
-wino_output (const Wino *wi, const float *m, int a0, int a1,
+wino_output (const Wino *wi, const float *m, int o0, int o1, int a0, int a1,
              const float *bias, gboolean add, float *ys)
 {
   int tw = wi->tw, T = (a1 - a0) * tw;
   gsize ct = (gsize) wi->co * T;
 
-  for (int o = 0; o < wi->co; o++)
+  for (int o = o0; o < o1; o++)
     for (int a = a0; a < a1; a++)
       {
         const float *mk = m + (gsize) o * T + (gsize) (a - a0) * tw;
@@ -582,7 +610,7 @@ wino_output (const Wino *wi, const float *m, int a0, int a1,
 
         for (int b = 0; b < tw; b++)
           {
-            float r0[4], r1[4];
+            float r0[4], r1[4], y00, y01, y10, y11;
 
             for (int j = 0; j < 4; j++)
               {
@@ -594,54 +622,90 @@ wino_output (const Wino *wi, const float *m, int a0, int a1,
                 r0[j] = m0 + m1 + m2;
                 r1[j] = m1 - m2 - m3;
               }
-            {
-              float y00 = r0[0] + r0[1] + r0[2] + bo;
-              float y01 = r0[1] - r0[2] - r0[3] + bo;
-              float y10 = r1[0] + r1[1] + r1[2] + bo;
-              float y11 = r1[1] - r1[2] - r1[3] + bo;
-
-              if (add)
-                {
-                  y0[2 * b] += y00;
-                  y0[2 * b + 1] += y01;
-                  y1[2 * b] += y10;
-                  y1[2 * b + 1] += y11;
-                }
-              else
-                {
-                  y0[2 * b] = y00;
-                  y0[2 * b + 1] = y01;
-                  y1[2 * b] = y10;
-                  y1[2 * b + 1] = y11;
-                }
-            }
+            y00 = r0[0] + r0[1] + r0[2] + bo;
+            y01 = r0[1] - r0[2] - r0[3] + bo;
+            y10 = r1[0] + r1[1] + r1[2] + bo;
+            y11 = r1[1] - r1[2] - r1[3] + bo;
+            if (add)
+              {
+                y0[2 * b] += y00;
+                y0[2 * b + 1] += y01;
+                y1[2 * b] += y10;
+                y1[2 * b + 1] += y11;
+              }
+            else
+              {
+                y0[2 * b] = y00;
+                y0[2 * b + 1] = y01;
+                y1[2 * b] = y10;
+                y1[2 * b + 1] = y11;
+              }
           }
       }
 }
 
+/* M[k] [Co,T] = U[k] [Co,Ci] V[k] [Ci,T] for transforms [k0, k1). */
+static void
+wino_gemms (const Wino *wi, const float *u, const float *v, int T, int k0,
+            int k1, float *m)
+{
+  for (int k = k0; k < k1; k++)
+    df_sgemm (DF_NO_TRANS, DF_NO_TRANS, wi->co, T, wi->ci, 1.0f,
+              u + (gsize) k * wi->ci, 16 * wi->ci,
+              v + (gsize) k * wi->ci * T, T, 0.0f,
+              m + (gsize) k * wi->co * T, T);
+}
+
 /* y (+)= the convolution of the padded input xp by the kernel whose
- * transform is u, for n samples; work holds the threads' scratch. */
+ * transform is u, for n samples; work: threads x wino_per_thread floats.
+ * A unit is (sample, band); with fewer units than threads (one sample at
+ * the UNet's sizes) each unit's input transform, GEMMs and output
+ * transform are spread over the threads in turn instead, on the first
+ * thread's V and M: the same arithmetic in the same order either way, so
+ * the same bits. */
 static void
 wino_run (const Wino *wi, const float *xp, int n, const float *u,
           const float *bias, gboolean add, float *y, float *work)
 {
   gsize per_thread = wino_per_thread (wi);
+  gsize rows_at = per_thread - wino_rows (wi);
+  int units = n * wi->n_bands;
 
+  if (units >= omp_get_max_threads ())
+    {
 #pragma omp parallel for schedule(static)
-  for (int un = 0; un < n * wi->n_bands; un++)
+      for (int un = 0; un < units; un++)
+        {
+          int s = un / wi->n_bands, a0 = (un % wi->n_bands) * wi->band;
+          int a1 = MIN (a0 + wi->band, wi->th), T = (a1 - a0) * wi->tw;
+          float *v = work + per_thread * omp_get_thread_num ();
+          float *m = v + (gsize) 16 * wi->ci * T;
+
+          wino_input (wi, xp + s * wi->x_sample, 0, wi->ci, a0, a1, T, v,
+                      v + rows_at);
+          wino_gemms (wi, u, v, T, 0, 16, m);
+          wino_output (wi, m, 0, wi->co, a0, a1, bias, add,
+                       y + s * wi->y_sample);
+        }
+      return;
+    }
+
+  for (int un = 0; un < units; un++)
     {
       int s = un / wi->n_bands, a0 = (un % wi->n_bands) * wi->band;
       int a1 = MIN (a0 + wi->band, wi->th), T = (a1 - a0) * wi->tw;
-      float *v = work + per_thread * omp_get_thread_num ();
-      float *m = v + (gsize) 16 * wi->ci * T;
+      float *v = work, *m = v + (gsize) 16 * wi->ci * T;
 
-      wino_input (wi, xp + s * wi->x_sample, a0, a1, T, v);
+#pragma omp parallel for schedule(static)
+      for (int c = 0; c < wi->ci; c++)
+        wino_input (wi, xp + s * wi->x_sample, c, c + 1, a0, a1, T, v,
+                    work + per_thread * omp_get_thread_num () + rows_at);
+#pragma omp parallel for schedule(static)
       for (int k = 0; k < 16; k++)
-        df_sgemm (DF_NO_TRANS, DF_NO_TRANS, wi->co, T, wi->ci, 1.0f,
-                  u + (gsize) k * wi->ci, 16 * wi->ci,
-                  v + (gsize) k * wi->ci * T, T, 0.0f,
-                  m + (gsize) k * wi->co * T, T);
-      wino_output (wi, m, a0, a1, bias, add, y + s * wi->y_sample);
+        wino_gemms (wi, u, v, T, k, k + 1, m);
+#pragma omp parallel for schedule(static)
+      for (int o = 0; o < wi->co; o++)
+        wino_output (wi, m, o, o + 1, a0, a1, bias, add, y + s * wi->y_sample);
     }
 }
 
@@ -654,7 +718,7 @@ wino_run (const Wino *wi, const float *xp, int n, const float *u,
 #define CONV_DW_SAMPLES 16
 
 /* Samples per unit of the Winograd dW: fewer than the shifted form's, as
- * a unit here is a thread's (its GEMMs are per sample). */
+ * a unit here is a thread's (its GEMMs are per sample and band). */
 #define WINO_DW_SAMPLES 8
 
 /* Floats of wino_weight_grad's scratch for n samples and threads. */
@@ -663,75 +727,82 @@ wino_dw_scratch (const Wino *wi, int n, int threads)
 {
   int n_runs = (n + WINO_DW_SAMPLES - 1) / WINO_DW_SAMPLES;
 
-  return (gsize) threads * 16 * (wi->ci + wi->co) * wi->th * wi->tw
+  return (gsize) threads * wino_per_thread (wi)
          + (gsize) n_runs * 16 * wi->co * wi->ci;
 }
 
 /* dU[k][o, c] = sum over tiles t of (A dY_o A^T)[k] at t times V[k][c, t]:
- * the gradient of the forward's U = G g G^T, 16 GEMMs a sample of K =
- * its tiles; then dg = G^T dU G.  dy [N,Co,H,W] and the padded input of wi
- * (Ci in, Co out).  A unit is a run of WINO_DW_SAMPLES samples, done
- * sample by sample so that a sample's V and E stay in cache; the runs'
- * partial dU are summed in order, so dW does not depend on the thread
- * count.  work: wino_dw_scratch floats. */
+ * the gradient of the forward's U = G g G^T, 16 GEMMs a (sample, band) of
+ * K = its tiles; then dg = G^T dU G.  xp is the padded input and dy
+ * [N,Co,H,W] the output gradient, at wi's strides (Ci in, Co out).  A unit
+ * is a run of WINO_DW_SAMPLES samples, done band by band so that a band's
+ * V and E stay in cache; the runs' partial dU are summed in order, so dW
+ * does not depend on the thread count.  work: wino_dw_scratch floats for
+ * threads threads. */
 static void
 wino_weight_grad (const Wino *wi, const float *xp, const float *dy, int n,
-                  float *dw, float *work)
+                  float *dw, float *work, int threads)
 {
-  int ci = wi->ci, co = wi->co, tw = wi->tw, tiles = wi->th * wi->tw;
+  int ci = wi->ci, co = wi->co, tw = wi->tw;
   int n_runs = (n + WINO_DW_SAMPLES - 1) / WINO_DW_SAMPLES;
-  gsize T = tiles, cc16 = (gsize) 16 * co * ci;
-  gsize per_thread = (gsize) 16 * (ci + co) * T;
-  float *du = work + per_thread * omp_get_max_threads ();
+  gsize cc16 = (gsize) 16 * co * ci, per_thread = wino_per_thread (wi);
+  gsize rows_at = per_thread - wino_rows (wi);
+  float *du = work + per_thread * threads;
 
 #pragma omp parallel for schedule(static)
   for (int run = 0; run < n_runs; run++)
     {
       int s0 = run * WINO_DW_SAMPLES, s1 = MIN (s0 + WINO_DW_SAMPLES, n);
       float *v = work + per_thread * omp_get_thread_num ();
-      float *e = v + (gsize) 16 * ci * T, *dur = du + run * cc16;
+      float *dur = du + run * cc16;
 
       for (int s = s0; s < s1; s++)
-        {
-          /* V, and E[k][o, t] = (A dY A^T)[k]: a 2x2 tile [[p, q], [r, z]]
-           * goes to rows (p, q), (p + r, q + z), (p - r, q - z), (-r, -z),
-           * and each row (x, y) to (x, x + y, x - y, -y). */
-          wino_input (wi, xp + s * wi->x_sample, 0, wi->th, T, v);
-          for (int o = 0; o < co; o++)
-            for (int a = 0; a < wi->th; a++)
-              {
-                const float *d0 = dy + ((gsize) s * co + o) * wi->h * wi->w
-                                  + (gsize) 2 * a * wi->w;
-                const float *d1 = d0 + wi->w;
-                float *eo = e + (gsize) o * T + (gsize) a * tw;
-                gsize kt = (gsize) co * T;
+        for (int a0 = 0; a0 < wi->th; a0 += wi->band)
+          {
+            int a1 = MIN (a0 + wi->band, wi->th);
+            gsize T = (gsize) (a1 - a0) * tw, kt = (gsize) co * T;
+            float *e = v + (gsize) 16 * ci * T;
 
-                for (int b = 0; b < tw; b++)
-                  {
-                    float p = d0[2 * b], q = d0[2 * b + 1];
-                    float r = d1[2 * b], z = d1[2 * b + 1];
-                    float rows[4][2] = { { p, q }, { p + r, q + z },
-                                         { p - r, q - z }, { -r, -z } };
+            /* V, and E[k][o, t] = (A dY A^T)[k]: a 2x2 tile [[p, q],
+             * [r, z]] goes to rows (p, q), (p + r, q + z), (p - r, q - z),
+             * (-r, -z), and each row (x, y) to (x, x + y, x - y, -y). */
+            wino_input (wi, xp + s * wi->x_sample, 0, ci, a0, a1, T, v,
+                        v + rows_at);
+            for (int o = 0; o < co; o++)
+              for (int a = a0; a < a1; a++)
+                {
+                  const float *d0 = dy + s * wi->y_sample + o * wi->y_chan
+                                    + (gsize) 2 * a * wi->w;
+                  const float *d1 = d0 + wi->w;
+                  float *eo = e + (gsize) o * T + (gsize) (a - a0) * tw;
 
-                    for (int i = 0; i < 4; i++)
-                      {
-                        float x = rows[i][0], y = rows[i][1];
-                        float *ek = eo + (gsize) (4 * i) * kt + b;
+                  for (int b = 0; b < tw; b++)
+                    {
+                      float p = d0[2 * b], q = d0[2 * b + 1];
+                      float r = d1[2 * b], z = d1[2 * b + 1];
+                      float rows[4][2] = { { p, q }, { p + r, q + z },
+                                           { p - r, q - z }, { -r, -z } };
 
-                        ek[0] = x;
-                        ek[kt] = x + y;
-                        ek[2 * kt] = x - y;
-                        ek[3 * kt] = -y;
-                      }
-                  }
-              }
+                      for (int i = 0; i < 4; i++)
+                        {
+                          float x = rows[i][0], y = rows[i][1];
+                          float *ek = eo + (gsize) (4 * i) * kt + b;
 
-          /* dU[run][o][k][c] (+)= E[k] V[k]^T */
-          for (int k = 0; k < 16; k++)
-            df_sgemm (DF_NO_TRANS, DF_TRANS, co, ci, (int) T, 1.0f,
-                      e + (gsize) k * co * T, T, v + (gsize) k * ci * T, T,
-                      s == s0 ? 0.0f : 1.0f, dur + (gsize) k * ci, 16 * ci);
-        }
+                          ek[0] = x;
+                          ek[kt] = x + y;
+                          ek[2 * kt] = x - y;
+                          ek[3 * kt] = -y;
+                        }
+                    }
+                }
+
+            /* dU[run][o][k][c] (+)= E[k] V[k]^T */
+            for (int k = 0; k < 16; k++)
+              df_sgemm (DF_NO_TRANS, DF_TRANS, co, ci, (int) T, 1.0f,
+                        e + (gsize) k * kt, T, v + (gsize) k * ci * T, T,
+                        s == s0 && a0 == 0 ? 0.0f : 1.0f,
+                        dur + (gsize) k * ci, 16 * ci);
+          }
     }
 
   /* dw [Co,Ci,3,3] += G^T (sum of the runs' dU in order) G; G^T's rows are
@@ -740,7 +811,7 @@ wino_weight_grad (const Wino *wi, const float *xp, const float *dy, int n,
   for (int o = 0; o < co; o++)
     for (int c = 0; c < ci; c++)
       {
-        float m[16], rr[3][4], *d = dw + ((gsize) o * ci + c) * 9;
+        float m[16], gm[3][4], *d = dw + ((gsize) o * ci + c) * 9;
 
         for (int k = 0; k < 16; k++)
           {
@@ -750,25 +821,26 @@ wino_weight_grad (const Wino *wi, const float *xp, const float *dy, int n,
               sum += du[run * cc16 + ((gsize) o * 16 + k) * ci + c];
             m[k] = sum;
           }
+        /* G^T m: rows of m are (m0, m1, m2, m3) per column j */
         for (int j = 0; j < 4; j++)
           {
-            float a = m[j], b = m[4 + j], cq = m[8 + j], dd = m[12 + j];
+            float m0 = m[j], m1 = m[4 + j], m2 = m[8 + j], m3 = m[12 + j];
 
-            rr[0][j] = a + 0.5f * (b + cq);
-            rr[1][j] = 0.5f * (b - cq);
-            rr[2][j] = 0.5f * (b + cq) + dd;
+            gm[0][j] = m0 + 0.5f * (m1 + m2);
+            gm[1][j] = 0.5f * (m1 - m2);
+            gm[2][j] = 0.5f * (m1 + m2) + m3;
           }
+        /* (G^T m) G */
         for (int i = 0; i < 3; i++)
           {
-            float a = rr[i][0], b = rr[i][1], cq = rr[i][2], dd = rr[i][3];
+            float g0 = gm[i][0], g1 = gm[i][1], g2 = gm[i][2], g3 = gm[i][3];
 
-            d[i * 3] += a + 0.5f * (b + cq);
-            d[i * 3 + 1] += 0.5f * (b - cq);
-            d[i * 3 + 2] += 0.5f * (b + cq) + dd;
+            d[i * 3] += g0 + 0.5f * (g1 + g2);
+            d[i * 3 + 1] += 0.5f * (g1 - g2);
+            d[i * 3 + 2] += 0.5f * (g1 + g2) + g3;
           }
       }
 }
-
 
 /* "Same" stride-1 convolutions (Ho = H, Wo = W, kh = kw, pads summing to
  * kh - 1, 1x1 ones included) take the shifted form backward too. */
@@ -927,21 +999,19 @@ conv2d_backward_winograd (DfGraph *g, DfRecord *r, const ConvGeom *c)
   float *work, *xp, *dyp, *scratch;
   Wino ww, wx;
 
-  /* dW: Ci in, Co out, as the forward; dx: Co in, Ci out. */
-  wino_init (&ww, c->ci, c->co, c->h, c->w);
-  ww.x_chan = plane;
-  ww.x_sample = (gsize) c->ci * plane;
-  wino_init (&wx, c->co, c->ci, c->h, c->w);
-  wx.x_chan = (gsize) n * plane;
-  wx.x_sample = plane;
-  wx.y_chan = p;
-  wx.y_sample = (gsize) c->ci * p;
+  /* dW: Ci in, Co out, from xp [N,Ci,Hp,Wp] and dY [N,Co,H,W]; dx: Co in,
+   * Ci out, from dyp [Co,N,Hp,Wp] into dx [N,Ci,H,W]. */
+  wino_init (&ww, c->ci, c->co, c->h, c->w, (gsize) c->ci * plane, plane,
+             (gsize) c->co * p, p);
+  wino_init (&wx, c->co, c->ci, c->h, c->w, plane, (gsize) n * plane,
+             (gsize) c->ci * p, p);
   if (dw != NULL)
     dw_need = wino_dw_scratch (&ww, n, threads);
   if (dx != NULL)
     dx_need = cc16 + wino_per_thread (&wx) * threads;
 
-  /* Workspace: xp [N,Ci,Hp,Wp] (dW), dyp [Co,N,Hp,Wp] (dx), scratch. */
+  /* Workspace: xp (dW), dyp (dx), then the scratch of one, then the
+   * other. */
   work = df_graph_workspace (g, (dw != NULL ? (gsize) n * c->ci * plane : 0)
                                 + (dx != NULL ? (gsize) n * c->co * plane : 0)
                                 + MAX (dw_need, dx_need));
@@ -952,12 +1022,12 @@ conv2d_backward_winograd (DfGraph *g, DfRecord *r, const ConvGeom *c)
   if (dw != NULL)
     {
       pad_input (c, x->data, n, xp);
-      wino_weight_grad (&ww, xp, dy, n, dw, scratch);
+      wino_weight_grad (&ww, xp, dy, n, dw, scratch, threads);
     }
   if (dx != NULL)
     {
       pad_planes (dy, n, c->co, c->h, c->w, c->hp, c->wp, 1, TRUE, dyp);
-      wino_weights (&wx, w->data, TRUE, scratch);
+      wino_weights (&wx, w->data, TRUE, scratch, scratch + cc16);
       wino_run (&wx, dyp, n, scratch, NULL, TRUE, dx, scratch + cc16);
     }
 }
@@ -984,6 +1054,53 @@ conv2d_backward (DfGraph *g, DfRecord *r)
     conv2d_backward_winograd (g, r, &c);
   else
     conv2d_backward_shifted (g, r, &c);
+}
+
+/* The forward of a "same" 3x3 convolution in Winograd form (see
+ * conv_winograd) into y. */
+static void
+conv2d_forward_winograd (DfGraph *g, const ConvGeom *c, const DfTensor *x,
+                         const DfTensor *w, const DfTensor *b, DfTensor *y)
+{
+  int n = x->shape[0];
+  gsize plane = (gsize) c->hp * c->wp, p = (gsize) c->h * c->w;
+  gsize xps = (gsize) c->ci * plane, cc16 = (gsize) 16 * c->co * c->ci;
+  float *xp, *u;
+  Wino wi;
+
+  /* Workspace: the padded input [N,Ci,Hp,Wp], the kernel's transform,
+   * then the threads' scratch. */
+  wino_init (&wi, c->ci, c->co, c->h, c->w, xps, plane, (gsize) c->co * p, p);
+  xp = df_graph_workspace (g, n * xps + cc16 + wino_per_thread (&wi)
+                                                * omp_get_max_threads ());
+  u = xp + n * xps;
+  pad_input (c, x->data, n, xp);
+  wino_weights (&wi, w->data, FALSE, u, u + cc16);
+  wino_run (&wi, xp, n, u, b != NULL ? b->data : NULL, FALSE, y->data,
+            u + cc16);
+}
+
+double
+df_conv2d_scratch (int n, int ci, int co, int k, int s, int threads)
+{
+  double plane = (s + 2.0) * (s + 2.0), direct, fwd, bwd;
+  Wino wi, wx;
+
+  /* The shifted backward: dY and x padded, a weight copy per run. */
+  direct = (ci + co) * (double) n * plane
+           + (double) ci * co * k * k * ceil ((double) n / CONV_DW_SAMPLES);
+  if (k != 3 || s % 2 != 0 || s < 14)
+    return direct;
+
+  /* Winograd: see conv2d_forward_winograd and conv2d_backward_winograd. */
+  wino_init (&wi, ci, co, s, s, 0, 0, 0, 0);
+  wino_init (&wx, co, ci, s, s, 0, 0, 0, 0);
+  fwd = (double) n * ci * plane + 16.0 * co * ci
+        + (double) wino_per_thread (&wi) * threads;
+  bwd = (ci + co) * (double) n * plane
+        + MAX ((double) wino_dw_scratch (&wi, n, threads),
+               16.0 * co * ci + (double) wino_per_thread (&wx) * threads);
+  return MAX (direct, MAX (fwd, bwd));
 }
 
 DfTensor *
@@ -1020,26 +1137,7 @@ df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
   y = df_graph_tensor_4d (g, n, c.co, c.ho, c.wo);
   if (!pw && conv_winograd (&c, pad_hi))
     {
-      Wino wi;
-      float *u;
-
-      /* Workspace: the padded input [N,Ci,Hp,Wp], the kernel's transform,
-       * then [threads][per unit] scratch. */
-      wino_init (&wi, c.ci, c.co, c.h, c.w);
-      wi.x_chan = (gsize) c.hp * c.wp;
-      wi.x_sample = (gsize) c.ci * wi.x_chan;
-      wi.y_chan = p;
-      wi.y_sample = (gsize) c.co * p;
-      xps = wi.x_sample;
-      work = df_graph_workspace (g, n * xps + (gsize) 16 * c.co * c.ci
-                                    + wino_per_thread (&wi)
-                                      * omp_get_max_threads ());
-      xp = work;
-      u = xp + n * xps;
-      pad_input (&c, x->data, n, xp);
-      wino_weights (&wi, w->data, FALSE, u);
-      wino_run (&wi, xp, n, u, b != NULL ? b->data : NULL, FALSE, y->data,
-                u + (gsize) 16 * c.co * c.ci);
+      conv2d_forward_winograd (g, &c, x, w, b, y);
       goto record;
     }
   shifted = !pw && conv_shifted (&c);

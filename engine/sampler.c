@@ -422,9 +422,11 @@ df_sample (const DfSchedule *s, const DfDenoiser *d,
 
       /* Per sample: its own noise, then the update in double. */
       {
-        Step st = { p, &w, x, first, (guint32) k, P, scale,
-                    classifier && guided, sa_t, sb_t, c_x0, c_xt, c_eps,
-                    sigma };
+        Step st = { .p = p, .w = &w, .x = x, .first = first,
+                    .k = (guint32) k, .P = P, .scale = scale,
+                    .grad = classifier && guided, .sa_t = sa_t, .sb_t = sb_t,
+                    .c_x0 = c_x0, .c_xt = c_xt, .c_eps = c_eps,
+                    .sigma = sigma };
 
         if (np >= PAR_MIN_VALUES)
           {

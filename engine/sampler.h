@@ -42,14 +42,15 @@ typedef struct {
   double        scale;          /* guidance scale */
   /* Guidance only at noise levels sigma_t = sqrt ((1 - ab_t) / ab_t) in
    * (guide_lo, guide_hi] (Kynkaanniemi et al. 2024); elsewhere free
-   * guidance is the conditional prediction and classifier guidance adds
+   * guidance is the conditional prediction whatever the scale (so scale 0,
+   * unconditional, holds only inside) and classifier guidance adds
    * nothing.  0 and INFINITY: every step. */
   double        guide_lo, guide_hi;
 } DfSampleParams;
 
 /* The guidance interval the front ends (CLI, plug-in) give classifier-free
- * guidance unless told otherwise, as numbers and as the text of their
- * help.  Chosen with diffuse eval on the shipped Fashion-MNIST model: at
+ * guidance unless told otherwise (and unless the scale is 0, which asks for
+ * unconditional samples), as numbers and as the text of their help.  Chosen with diffuse eval on the shipped Fashion-MNIST model: at
  * scale 3, guiding every step keeps 96% of samples their class but narrows
  * each class to 37x the Frechet floor; guiding only here keeps the class
  * and the spread (weights/README.md has the sweep). */

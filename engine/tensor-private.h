@@ -83,4 +83,9 @@ df_expf (float x)
 /* OpenMP only pays off past some work; results never depend on it. */
 #define DF_PAR_MIN 8192
 
+/* Floats of scratch a batch-n "same" convolution (k x k, stride 1, size
+ * s x s) asks df_graph_workspace for, forward or backward, on threads
+ * threads: for the trainer's memory estimate. */
+double df_conv2d_scratch (int n, int ci, int co, int k, int s, int threads);
+
 G_END_DECLS

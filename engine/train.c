@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <json-glib/json-glib.h>
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -23,6 +24,7 @@
 
 #include "rng.h"
 #include "safetensors.h"
+#include "tensor-private.h"
 
 /* Stream indices of the per-sample draws other than the noise, far from the
  * noise streams (index i) so the two never share a Philox key. */
@@ -1368,14 +1370,11 @@ attn_f (int c, double hw)
   return hw * 10.0 * c;
 }
 
-/* Floats of a convolution's scratch at batch b: its padded input and
- * output gradient in the backward pass, and per run of 16 samples a copy
- * of its weights (the dW partial sums). */
+/* Floats of a convolution's scratch at batch b (ops.c knows its forms). */
 static double
 conv_ws (int ci, int co, int k, int s, double b)
 {
-  return (ci + co) * b * (s + 2.0) * (s + 2.0)
-         + (double) ci * co * k * k * ceil (b / 16);
+  return df_conv2d_scratch ((int) b, ci, co, k, s, omp_get_max_threads ());
 }
 
 double

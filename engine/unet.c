@@ -530,8 +530,9 @@ df_unet_config_validate (const DfUNetConfig *cfg, GError **error)
   for (int i = 0; i < cfg->n_blocks; i++)
     {
       int c = cfg->block_out_channels[i];
-      gboolean attn = cfg->down_attention[i]
-                      || cfg->up_attention[cfg->n_blocks - 1 - i]
+      gboolean block_attn = cfg->down_attention[i]
+                            || cfg->up_attention[cfg->n_blocks - 1 - i];
+      gboolean attn = block_attn
                       || (i == cfg->n_blocks - 1 && cfg->mid_attention);
 
       if (c < 1 || c % cfg->norm_num_groups != 0)
@@ -543,10 +544,7 @@ df_unet_config_validate (const DfUNetConfig *cfg, GError **error)
         return config_error (error, "attention_head_dim", "%d does not "
                              "divide the %d channels of block %d, which has "
                              "attention%s", cfg->attention_head_dim, c, i,
-                             cfg->down_attention[i]
-                             || cfg->up_attention[cfg->n_blocks - 1 - i]
-                             ? "" : " (the mid block's; diffuse train "
-                                    "--head-dim sets the head size)");
+                             block_attn ? "" : " (the mid block's)");
     }
   if (cfg->attention_head_dim < 0)
     return config_error (error, "attention_head_dim", "%d must be positive "

@@ -552,6 +552,19 @@ test_generate_guidance_interval (void)
   run_clear (&r);
   assert_same_file (a, b, "0000.png");
   g_assert_false (same_file_bytes (a, c, "0000.png"));
+
+  /* Scale 0 is unconditional sampling at every step: no default interval
+   * (outside one it would be conditional). */
+  r = RUN (GENERATE1, "--model", gray_model, "--steps", "5", "--count", "1",
+           "--class", "1", "--guidance-scale", "0", "--out", a, "--quiet");
+  assert_ok (&r);
+  run_clear (&r);
+  r = RUN (GENERATE1, "--model", gray_model, "--steps", "5", "--count", "1",
+           "--class", "1", "--guidance-scale", "0", "--guidance-interval",
+           "0,inf", "--out", b, "--quiet");
+  assert_ok (&r);
+  run_clear (&r);
+  assert_same_file (a, b, "0000.png");
   g_free (a);
   g_free (b);
   g_free (c);

@@ -232,7 +232,8 @@ static const ConvConf conv_confs[] = {
   { 19, 2, 4, 3, 3, 3, 1, 1, 1, TRUE },  /* dW summed over two runs of samples */
   { 2, 3, 14, 16, 4, 3, 1, 1, 1, TRUE }, /* Winograd: even, rows of 14+ */
   { 1, 3, 28, 28, 2, 3, 1, 1, 1, FALSE },/* Winograd, one unit a sample */
-  { 1, 2, 36, 36, 2, 3, 1, 1, 1, TRUE }, /* Winograd, two bands of tiles */
+  { 1, 2, 34, 34, 2, 3, 1, 1, 1, TRUE }, /* Winograd, a shorter last band */
+  { 1, 1, 66, 16, 2, 3, 1, 1, 1, TRUE }, /* Winograd, h != w, two bands */
   { 19, 1, 14, 14, 2, 3, 1, 1, 1, TRUE },/* Winograd dW in three runs */
 };
 
@@ -250,6 +251,35 @@ conv_case (Case *c, const ConvConf *f)
   c->pad_hi = f->ph;
 }
 
+/* Whether f's convolution takes the Winograd form (ops.c's conv_winograd);
+ * check_winograd_gemms then checks that it did. */
+static gboolean
+conv_is_winograd (const ConvConf *f)
+{
+  return f->k == 3 && f->stride == 1 && f->pl == 1 && f->ph == 1
+         && f->h % 2 == 0 && f->w % 2 == 0 && f->w >= 14;
+}
+
+/* The GEMMs of a Winograd forward: 16 a unit, each [Co,Ci] x [Ci,tiles],
+ * their N summing to 16 times every sample's tiles however the bands cut
+ * them (the direct forms' GEMMs sum to something else). */
+static void
+check_winograd_gemms (const ConvConf *f, GArray *calls)
+{
+  gsize tiles = 0;
+
+  g_assert_cmpint (calls->len % 16, ==, 0);
+  for (guint i = 0; i < calls->len; i++)
+    {
+      DfGemmCall *c = &g_array_index (calls, DfGemmCall, i);
+
+      g_assert_cmpint (c->M, ==, f->co);
+      g_assert_cmpint (c->K, ==, f->ci);
+      tiles += c->N;
+    }
+  g_assert_cmpint (tiles, ==, (gsize) 16 * f->n * (f->h / 2) * (f->w / 2));
+}
+
 static void
 test_conv_forward (void)
 {
@@ -259,6 +289,7 @@ test_conv_forward (void)
       DfGraph *g = df_graph_new (FALSE);
       Case c;
       DfTensor *y;
+      GArray *calls;
       double *ref;
       int ho, wo;
       char *what;
@@ -268,14 +299,22 @@ test_conv_forward (void)
                            * (f->w + f->pl + f->ph));
       conv_ref (c.t[0], c.t[1], f->bias ? c.t[2] : NULL, f->stride, f->pl,
                 f->ph, ref, &ho, &wo);
+      calls = g_array_new (FALSE, FALSE, sizeof (DfGemmCall));
+      df_blas_trace (calls);
       y = build_conv (g, &c);
+      df_blas_trace (NULL);
+      if (conv_is_winograd (f))
+        check_winograd_gemms (f, calls);
+      g_array_unref (calls);
       g_assert_cmpint (y->ndim, ==, 4);
       g_assert_cmpint (y->shape[0], ==, f->n);
       g_assert_cmpint (y->shape[1], ==, f->co);
       g_assert_cmpint (y->shape[2], ==, ho);
       g_assert_cmpint (y->shape[3], ==, wo);
-      what = g_strdup_printf ("conv k%d s%d pad (%d,%d)", f->k, f->stride,
-                              f->pl, f->ph);
+      what = g_strdup_printf ("conv %d x %d x %dx%d -> %d, k%d s%d pad "
+                              "(%d,%d)%s", f->n, f->ci, f->h, f->w, f->co,
+                              f->k, f->stride, f->pl, f->ph,
+                              conv_is_winograd (f) ? ", Winograd" : "");
       assert_forward (what, y, ref, FWD_TOL);
       g_free (what);
       g_free (ref);
@@ -294,8 +333,10 @@ test_conv_grad (void)
       char *what;
 
       conv_case (&c, f);
-      what = g_strdup_printf ("conv k%d s%d pad (%d,%d)", f->k, f->stride,
-                              f->pl, f->ph);
+      what = g_strdup_printf ("conv %d x %d x %dx%d -> %d, k%d s%d pad "
+                              "(%d,%d)%s", f->n, f->ci, f->h, f->w, f->co,
+                              f->k, f->stride, f->pl, f->ph,
+                              conv_is_winograd (f) ? ", Winograd" : "");
       assert_grad (what, &c, build_conv);
       g_free (what);
       case_free (&c);
@@ -1110,7 +1151,13 @@ inv_cases (InvCase *cases, int *n)
   k->n_batched = 1;
 
   k = &cases[(*n)++];
-  k->name = "conv 3x3 Winograd, batch 19";    /* dW in three runs */
+  k->name = "conv 3x3 Winograd, two bands";
+  k->build = build_conv;
+  conv_case (&k->c, &(ConvConf) { 3, 4, 34, 34, 6, 3, 1, 1, 1, TRUE });
+  k->n_batched = 1;
+
+  k = &cases[(*n)++];
+  k->name = "conv 3x3 Winograd, batch 19";    /* dW in three runs (threads) */
   k->build = build_conv;
   conv_case (&k->c, &(ConvConf) { 19, 4, 14, 14, 6, 3, 1, 1, 1, TRUE });
   k->n_batched = 1;

@@ -460,7 +460,15 @@ test_interpolate_class_parasite (void)
   g_assert_cmpint (json_object_get_int_member (o, "class"), ==, 2);
   g_assert_cmpstr (json_object_get_string_member (o, "guidance"), ==, "free");
   g_assert_cmpfloat (json_object_get_double_member (o, "scale"), ==, 3.0);
-  g_assert_true (json_object_has_member (o, "guidance_interval"));
+  {
+    JsonArray *iv = json_object_get_array_member (o, "guidance_interval");
+
+    g_assert_cmpint (json_array_get_length (iv), ==, 2);
+    g_assert_cmpfloat (json_array_get_double_element (iv, 0), ==,
+                       DF_FREE_GUIDE_LO);
+    g_assert_cmpfloat (json_array_get_double_element (iv, 1), ==,
+                       DF_FREE_GUIDE_HI);
+  }
   g_object_unref (parser);
 
   /* Without a class there is nothing to guide towards. */

@@ -232,8 +232,8 @@ fill_sample_params (const DfJob *job, DfSampleParams *sp)
     sp->label = uncond;
 
   /* Interpolation towards a class guides as the CLI's does: free, at the
-   * default scale and interval, when the model has an unconditional
-   * class. */
+   * scale of the parameters (3: the procedure has no scale argument) and
+   * the default interval, when the model has an unconditional class. */
   if (p->kind == DF_PROC_INTERPOLATE && p->class_label >= 0 && uncond >= 0)
     {
       sp->guidance = DF_GUIDANCE_FREE;
@@ -247,7 +247,7 @@ fill_sample_params (const DfJob *job, DfSampleParams *sp)
       sp->guidance = p->guidance == 1 ? DF_GUIDANCE_CLASSIFIER
                                       : DF_GUIDANCE_FREE;
       sp->scale = p->scale;
-      if (sp->guidance == DF_GUIDANCE_FREE)
+      if (sp->guidance == DF_GUIDANCE_FREE && sp->scale != 0.0)
         {
           sp->guide_lo = DF_FREE_GUIDE_LO;
           sp->guide_hi = DF_FREE_GUIDE_HI;
@@ -425,7 +425,8 @@ df_job_params_json (const DfJob *job, int i)
                                         ? "classifier" : "free");
       json_builder_set_member_name (b, "scale");
       json_builder_add_double_value (b, sp.scale);
-      if (sp.guidance == DF_GUIDANCE_FREE)
+      /* Only a limited interval (JSON has no infinity). */
+      if (sp.guidance == DF_GUIDANCE_FREE && !isinf (sp.guide_hi))
         {
           json_builder_set_member_name (b, "guidance_interval");
           json_builder_begin_array (b);
