@@ -546,12 +546,13 @@ wino_weights (const Wino *wi, const float *w, gboolean flip, float *u,
  * halves of those rows so that each of the 16 results is a run over the
  * tile columns.  rows: wino_rows floats. */
 static void
-wino_input (const Wino *wi, const float *xs, int c0, int c1, int a0, int a1,
-            gsize T, float *v, float *rows)
+wino_input (const Wino *wi, const float *restrict xs, int c0, int c1, int a0,
+            int a1, gsize T, float *restrict v, float *restrict rows)
 {
   int tw = wi->tw;
   gsize wp = wi->wp, half = (gsize) tw + 1;
-  float *t = rows, *e = t + 4 * wp, *od = e + 4 * half;
+  float *restrict t = rows, *restrict e = t + 4 * wp;
+  float *restrict od = e + 4 * half;
 
   for (int c = c0; c < c1; c++)
     for (int a = a0; a < a1; a++)
@@ -575,10 +576,11 @@ wino_input (const Wino *wi, const float *xs, int c0, int c1, int a0, int a1,
             }
         for (int i = 0; i < 4; i++)
           {
-            const float *ei = e + i * half, *oi = od + i * half;
-            float *v0 = v + (gsize) (4 * i) * wi->ci * T + base;
-            float *v1 = v0 + (gsize) wi->ci * T, *v2 = v1 + (gsize) wi->ci * T;
-            float *v3 = v2 + (gsize) wi->ci * T;
+            const float *restrict ei = e + i * half, *restrict oi = od + i * half;
+            float *restrict v0 = v + (gsize) (4 * i) * wi->ci * T + base;
+            float *restrict v1 = v0 + (gsize) wi->ci * T;
+            float *restrict v2 = v1 + (gsize) wi->ci * T;
+            float *restrict v3 = v2 + (gsize) wi->ci * T;
 
             for (int b = 0; b < tw; b++)
               {
