@@ -50,10 +50,11 @@ typedef struct {
 
 /* The guidance interval the front ends (CLI, plug-in) give classifier-free
  * guidance unless told otherwise (and unless the scale is 0, which asks for
- * unconditional samples), as numbers and as the text of their help.  Chosen with diffuse eval on the shipped Fashion-MNIST model: at
- * scale 3, guiding every step keeps 96% of samples their class but narrows
- * each class to 37x the Frechet floor; guiding only here keeps the class
- * and the spread (weights/README.md has the sweep). */
+ * unconditional samples), as numbers and as the text of their help.
+ * Chosen with diffuse eval on the shipped Fashion-MNIST model: at scale 3,
+ * guiding every step keeps 96% of samples their class but narrows each
+ * class to 37x the Frechet floor; guiding only here keeps the class and the
+ * spread (weights/README.md has the sweep). */
 #define DF_FREE_GUIDE_LO       0.28
 #define DF_FREE_GUIDE_HI       3.0
 #define DF_FREE_GUIDE_TEXT     "0.28,3"

@@ -446,6 +446,19 @@ test_interpolate_layers (void)
   g_object_unref (parser);
 }
 
+/* A parasite's guidance interval is the front ends' default. */
+static void
+assert_default_interval (JsonObject *o)
+{
+  JsonArray *iv = json_object_get_array_member (o, "guidance_interval");
+
+  g_assert_cmpint (json_array_get_length (iv), ==, 2);
+  g_assert_cmpfloat (json_array_get_double_element (iv, 0), ==,
+                     DF_FREE_GUIDE_LO);
+  g_assert_cmpfloat (json_array_get_double_element (iv, 1), ==,
+                     DF_FREE_GUIDE_HI);
+}
+
 /* The frames record the guidance they were made with. */
 static void
 test_interpolate_class_parasite (void)
@@ -460,15 +473,7 @@ test_interpolate_class_parasite (void)
   g_assert_cmpint (json_object_get_int_member (o, "class"), ==, 2);
   g_assert_cmpstr (json_object_get_string_member (o, "guidance"), ==, "free");
   g_assert_cmpfloat (json_object_get_double_member (o, "scale"), ==, 3.0);
-  {
-    JsonArray *iv = json_object_get_array_member (o, "guidance_interval");
-
-    g_assert_cmpint (json_array_get_length (iv), ==, 2);
-    g_assert_cmpfloat (json_array_get_double_element (iv, 0), ==,
-                       DF_FREE_GUIDE_LO);
-    g_assert_cmpfloat (json_array_get_double_element (iv, 1), ==,
-                       DF_FREE_GUIDE_HI);
-  }
+  assert_default_interval (o);
   g_object_unref (parser);
 
   /* Without a class there is nothing to guide towards. */
@@ -513,15 +518,7 @@ test_class_guided_layers (void)
                    "Sneaker");
   g_assert_cmpstr (json_object_get_string_member (o, "guidance"), ==, "free");
   g_assert_cmpfloat (json_object_get_double_member (o, "scale"), ==, 2.0);
-  {
-    JsonArray *iv = json_object_get_array_member (o, "guidance_interval");
-
-    g_assert_cmpint (json_array_get_length (iv), ==, 2);
-    g_assert_cmpfloat (json_array_get_double_element (iv, 0), ==,
-                       DF_FREE_GUIDE_LO);
-    g_assert_cmpfloat (json_array_get_double_element (iv, 1), ==,
-                       DF_FREE_GUIDE_HI);
-  }
+  assert_default_interval (o);
   g_object_unref (parser);
 }
 

@@ -731,9 +731,10 @@ tracer_eps (gpointer data, const float *x, int n, int t, const int *labels,
  * half elsewhere; an interval that holds no step is plain conditional
  * sampling bit for bit, one that holds every step is full guidance bit for
  * bit, and one that holds some lands between the two in how far samples
- * are pushed towards their class (the mean of their values).  Classifier guidance outside the interval
- * calls no classifier.  Sigma at DDIM's 20 leading steps of this schedule:
- * 0.01 (t 0) to 78 (t 950); (0.5, 5] holds t 150..550. */
+ * are pushed towards their class (the mean of their values).  Classifier
+ * guidance outside the interval calls no classifier.  Sigma at DDIM's 20
+ * leading steps of this schedule: 0.01 (t 0) to 78 (t 950); (0.5, 5]
+ * holds t 150..550. */
 static void
 test_guidance_interval (void)
 {
