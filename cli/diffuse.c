@@ -359,8 +359,7 @@ check_model_options (const GenOptions *o, DfModel *m, DfSampleParams *p,
 
   /* Guidance options that would guide no step: at scale 1 free guidance
    * is the conditional prediction everywhere, and an interval can hold
-   * none of the steps' noise levels (diffuse schedule --sigma lists
-   * them). */
+   * none of the steps' noise levels (diffuse schedule lists them). */
   if (p->guidance == DF_GUIDANCE_FREE && o->interval && p->scale == 1.0)
     {
       g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
@@ -371,6 +370,7 @@ check_model_options (const GenOptions *o, DfModel *m, DfSampleParams *p,
     }
   if (p->guidance != DF_GUIDANCE_NONE
       && (o->interval || o->scale != CLI_DOUBLE_UNSET)
+      && !(p->guidance == DF_GUIDANCE_FREE && p->scale == 1.0)
       && df_sample_guided_steps (df_model_schedule (m), p) == 0)
     {
       if (o->interval)
@@ -807,7 +807,9 @@ cli_schedule (int argc, char **argv)
     {
       double ab = sch->alphas_cumprod[ts[i]];
 
-      printf ("%d %d %.9g %.6g\n", i, ts[i], ab, sqrt ((1 - ab) / ab));
+      /* sigma exactly, so that a bound copied from it falls where it
+       * shows */
+      printf ("%d %d %.9g %.17g\n", i, ts[i], ab, sqrt ((1 - ab) / ab));
     }
   ok = TRUE;
 

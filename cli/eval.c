@@ -173,8 +173,8 @@ cli_eval (int argc, char **argv)
   char *test_dir = NULL, *seed_str = NULL, *interval_str = NULL;
   int count = 1000, steps = 50, batch = 25, threads = 0;
   int n_train = CLI_INT_UNSET, n_test = 0;
-  double scale = 3.0;
-  gboolean quiet = FALSE, same_n = FALSE;
+  double scale = CLI_DOUBLE_UNSET;
+  gboolean quiet = FALSE, same_n = FALSE, scale_given;
   GOptionEntry entries[] = {
     { "model", 'm', 0, G_OPTION_ARG_FILENAME, &model_path,
       "Class-conditional UNet (default: the shipped one)", "PATH" },
@@ -233,6 +233,9 @@ cli_eval (int argc, char **argv)
     goto out;
 
   /* Options, then models, then data. */
+  scale_given = scale != CLI_DOUBLE_UNSET;
+  if (!scale_given)
+    scale = 3.0;
   if (count < 2 || steps < 1 || batch < 1
       || (n_train != CLI_INT_UNSET && n_train < 2) || threads < 0
       || threads > DF_MAX_THREADS
@@ -326,13 +329,20 @@ cli_eval (int argc, char **argv)
   p.guidance = DF_GUIDANCE_FREE;
   p.scale = scale;
   guided = df_sample_guided_steps (df_model_schedule (m), &p);
-  if (interval_str && guided == 0)
+  if (guided == 0 && scale != 1.0 && (interval_str || scale_given))
     {
-      g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
-                   "--guidance-interval %s holds none of the %d steps' noise "
-                   "levels, so nothing is guided: widen it or give more "
-                   "--steps (diffuse schedule --steps %d lists their sigma)",
-                   interval_str, steps, steps);
+      if (interval_str)
+        g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
+                     "--guidance-interval %s holds none of the %d steps' "
+                     "noise levels, so nothing is guided: widen it or give "
+                     "more --steps (diffuse schedule --steps %d lists their "
+                     "sigma)", interval_str, steps, steps);
+      else
+        g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
+                     "--guidance-scale %g has no effect: none of the %d "
+                     "steps has a noise level in the default guidance "
+                     "interval (" DF_FREE_GUIDE_TEXT "]; give more --steps "
+                     "or --guidance-interval 0,inf", scale, steps);
       goto out;
     }
   feat = df_features_new (cls, &error);

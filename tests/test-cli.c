@@ -565,6 +565,12 @@ test_generate_guidance_interval (void)
   assert_ok (&r);
   run_clear (&r);
   assert_same_file (a, b, "0000.png");
+
+  /* Scale 1 is conditional sampling, however few the steps. */
+  r = RUN (GENERATE1, "--model", gray_model, "--steps", "2", "--count", "1",
+           "--class", "1", "--guidance-scale", "1", "--out", a, "--quiet");
+  assert_ok (&r);
+  run_clear (&r);
   g_free (a);
   g_free (b);
   g_free (c);
@@ -1260,7 +1266,14 @@ test_train_and_eval (void)
   r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,
            "--test-data", test, "--count", "6", "--steps", "3",
            "--train-count", "6", "--guidance-interval", "500,inf", "--quiet");
-  assert_one_line_error (&r, "--guidance-interval 500,inf holds none of the 3 steps'");
+  assert_one_line_error (&r, "--guidance-interval 500,inf holds none of the "
+                             "3 steps'");
+  run_clear (&r);
+  r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,
+           "--test-data", test, "--count", "6", "--steps", "2",
+           "--train-count", "6", "--guidance-scale", "3", "--quiet");
+  assert_one_line_error (&r, "--guidance-scale 3 has no effect: none of the "
+                             "2 steps");
   run_clear (&r);
 
   r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,

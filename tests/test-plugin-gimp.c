@@ -129,6 +129,8 @@ static const char script_body[] =
   "   RUN-NONINTERACTIVE img d \"\" 0 5 0.0 1 0)))\n"
   "(bad \"class99\" (lambda (img d) (plug-in-diffusion-class-guided\n"
   "   RUN-NONINTERACTIVE img d \"\" 99 1 5 0.0 1 0 2.0 \"\")))\n"
+  "(bad \"guided-no-step\" (lambda (img d) (plug-in-diffusion-class-guided\n"
+  "   RUN-NONINTERACTIVE img d \"\" 2 1 1 0.0 1 0 2.0 \"\")))\n"
   "(bad \"missing\" (lambda (img d) (plug-in-diffusion-generate\n"
   "   RUN-NONINTERACTIVE img d \"%s/missing.safetensors\" 1 5 0.0 1 0)))\n"
   "(bad \"corrupt\" (lambda (img d) (plug-in-diffusion-generate\n"
@@ -570,6 +572,8 @@ main (int argc, char **argv)
     { "eta-1", "eta -1 is out of range" },
     { "count0", "count 0 is out of range" },
     { "class99", "class 99 is out of range" },
+    /* One step (sigma 0.01) is outside the default interval. */
+    { "guided-no-step", "guidance scale 2 has no effect at 1 step:" },
     { "missing", "does not exist" },
     /* An execution error ("failed:", not "failed on invalid input"). */
     { "corrupt", "failed: cannot load model" },

@@ -70,6 +70,8 @@ load_model (const char *path, gboolean want_classifier, GError **error)
 }
 
 /* The checks that need the loaded model(s). */
+static void fill_sample_params (const DfJob *job, DfSampleParams *sp);
+
 static gboolean
 check_against_model (DfJob *job, GError **error)
 {
@@ -98,6 +100,21 @@ check_against_model (DfJob *job, GError **error)
     }
   if (p->kind != DF_PROC_CLASS_GUIDED)
     return TRUE;
+
+  /* A scale that the default interval leaves no step to act on (1 or 2
+   * steps) would be named in the layer but not applied. */
+  if (p->guidance == 0 && p->scale != 0.0 && p->scale != 1.0)
+    {
+      DfSampleParams sp;
+
+      fill_sample_params (job, &sp);
+      if (df_sample_guided_steps (df_model_schedule (job->model), &sp) == 0)
+        return calling_error (error, "guidance scale %g has no effect at %d "
+                              "step%s: none has a noise level in the "
+                              "guidance interval (" DF_FREE_GUIDE_TEXT "]; "
+                              "use more steps", p->scale, p->steps,
+                              p->steps == 1 ? "" : "s");
+    }
 
   if (p->guidance == 0 && df_model_uncond_class (job->model) < 0)
     return calling_error (error, "model '%s' has no unconditional class, "
@@ -240,6 +257,10 @@ fill_sample_params (const DfJob *job, DfSampleParams *sp)
       sp->scale = p->scale;
       sp->guide_lo = DF_FREE_GUIDE_LO;
       sp->guide_hi = DF_FREE_GUIDE_HI;
+      /* At 1 or 2 steps no step is in the interval: plain conditional
+       * frames, and the parasite says so. */
+      if (df_sample_guided_steps (df_model_schedule (job->model), sp) == 0)
+        sp->guidance = DF_GUIDANCE_NONE;
     }
 
   if (p->kind == DF_PROC_CLASS_GUIDED)
