@@ -110,6 +110,12 @@ static const char script_body[] =
   "       (r (plug-in-diffusion-class-guided RUN-NONINTERACTIVE img (cadr a)\n"
   "            \"\" 2 1 5 0.0 7 0 3.0 \"\")))\n"
   "  (save img (vector-ref (cadr r) 0) \"guided-seed-a\"))\n"
+  /* C3: at one step (sigma 0.01) nothing is in the interval: conditional
+   * frames, recorded as unguided. */
+  "(let* ((a (new-image 24 24 RGB RGB-IMAGE)) (img (car a)))\n"
+  "  (emit-layers \"interp-class-1step\" img\n"
+  "    (plug-in-diffusion-interpolate RUN-NONINTERACTIVE img (cadr a)\n"
+  "       \"\" 7 9 2 1 2)))\n"
   /* D: Class-guided, classifier-free, on a layer with alpha. */
   "(let* ((a (new-image 24 24 RGB RGBA-IMAGE)) (img (car a)))\n"
   "  (emit-layers \"cfg\" img (plug-in-diffusion-class-guided\n"
@@ -478,9 +484,15 @@ test_interpolate_class_parasite (void)
   assert_default_interval (o);
   g_object_unref (parser);
 
-  /* Without a class there is nothing to guide towards. */
+  /* Without a class there is nothing to guide towards, and at one step
+   * no step to guide. */
   parser = json_parser_new ();
   o = parasite_json ("interp", 0, parser);
+  g_assert_false (json_object_has_member (o, "guidance"));
+  g_object_unref (parser);
+  parser = json_parser_new ();
+  o = parasite_json ("interp-class-1step", 0, parser);
+  g_assert_cmpint (json_object_get_int_member (o, "class"), ==, 2);
   g_assert_false (json_object_has_member (o, "guidance"));
   g_object_unref (parser);
 }
