@@ -462,12 +462,14 @@ wino_init (Wino *wi, int ci, int co, int h, int w, gsize x_sample,
   wi->y_chan = y_chan;
 }
 
-/* Floats of wino_input's row buffers: four padded rows, and the even and
- * odd halves of four. */
+/* Floats of wino_input's row buffers (four padded rows, and the even and
+ * odd halves of four) or of wino_output's four outputs of a band's tiles,
+ * whichever is more. */
 static gsize
 wino_rows (const Wino *wi)
 {
-  return 4 * wi->wp + 8 * ((gsize) wi->tw + 1);
+  return MAX (4 * wi->wp + 8 * ((gsize) wi->tw + 1),
+              (gsize) 4 * wi->band * wi->tw);
 }
 
 /* Floats of a thread's scratch: a unit's V [16][Ci,T] and M [16][Co,T]
@@ -594,56 +596,68 @@ wino_input (const Wino *wi, const float *restrict xs, int c0, int c1, int a0,
 }
 
 /* ys[o, rows 2a..2a+1] (+)= A^T M[., o, tiles of row a] A (+ bias[o]) for
- * output channels [o0, o1) and tile rows [a0, a1). */
+ * output channels [o0, o1) and tile rows [a0, a1).  Per channel the four
+ * outputs of every tile are computed over all T tiles at once (runs of T
+ * floats, which vectorise), into q [4][T], then interleaved into the
+ * rows.  q: wino_rows floats. */
 static void
-wino_output (const Wino *wi, const float *m, int o0, int o1, int a0, int a1,
-             const float *bias, gboolean add, float *ys)
+wino_output (const Wino *wi, const float *restrict m, int o0, int o1, int a0,
+             int a1, const float *bias, gboolean add, float *restrict ys,
+             float *restrict q)
 {
   int tw = wi->tw, T = (a1 - a0) * tw;
   gsize ct = (gsize) wi->co * T;
+  float *restrict q00 = q, *restrict q01 = q + T;
+  float *restrict q10 = q + 2 * T, *restrict q11 = q + 3 * T;
 
   for (int o = o0; o < o1; o++)
-    for (int a = a0; a < a1; a++)
-      {
-        const float *mk = m + (gsize) o * T + (gsize) (a - a0) * tw;
-        float *y0 = ys + o * wi->y_chan + (gsize) 2 * a * wi->w;
-        float *y1 = y0 + wi->w;
-        float bo = bias != NULL ? bias[o] : 0.0f;
+    {
+      const float *restrict mo = m + (gsize) o * T;
+      float bo = bias != NULL ? bias[o] : 0.0f;
 
-        for (int b = 0; b < tw; b++)
-          {
-            float r0[4], r1[4], y00, y01, y10, y11;
+      for (int t = 0; t < T; t++)
+        {
+          float r0[4], r1[4];
 
-            for (int j = 0; j < 4; j++)
-              {
-                float m0 = mk[(gsize) j * ct + b];
-                float m1 = mk[(gsize) (4 + j) * ct + b];
-                float m2 = mk[(gsize) (8 + j) * ct + b];
-                float m3 = mk[(gsize) (12 + j) * ct + b];
+          for (int j = 0; j < 4; j++)
+            {
+              float m0 = mo[(gsize) j * ct + t];
+              float m1 = mo[(gsize) (4 + j) * ct + t];
+              float m2 = mo[(gsize) (8 + j) * ct + t];
+              float m3 = mo[(gsize) (12 + j) * ct + t];
 
-                r0[j] = m0 + m1 + m2;
-                r1[j] = m1 - m2 - m3;
-              }
-            y00 = r0[0] + r0[1] + r0[2] + bo;
-            y01 = r0[1] - r0[2] - r0[3] + bo;
-            y10 = r1[0] + r1[1] + r1[2] + bo;
-            y11 = r1[1] - r1[2] - r1[3] + bo;
-            if (add)
+              r0[j] = m0 + m1 + m2;
+              r1[j] = m1 - m2 - m3;
+            }
+          q00[t] = r0[0] + r0[1] + r0[2] + bo;
+          q01[t] = r0[1] - r0[2] - r0[3] + bo;
+          q10[t] = r1[0] + r1[1] + r1[2] + bo;
+          q11[t] = r1[1] - r1[2] - r1[3] + bo;
+        }
+      for (int a = a0; a < a1; a++)
+        {
+          int t0 = (a - a0) * tw;
+          float *restrict y0 = ys + o * wi->y_chan + (gsize) 2 * a * wi->w;
+          float *restrict y1 = y0 + wi->w;
+
+          if (add)
+            for (int b = 0; b < tw; b++)
               {
-                y0[2 * b] += y00;
-                y0[2 * b + 1] += y01;
-                y1[2 * b] += y10;
-                y1[2 * b + 1] += y11;
+                y0[2 * b] += q00[t0 + b];
+                y0[2 * b + 1] += q01[t0 + b];
+                y1[2 * b] += q10[t0 + b];
+                y1[2 * b + 1] += q11[t0 + b];
               }
-            else
+          else
+            for (int b = 0; b < tw; b++)
               {
-                y0[2 * b] = y00;
-                y0[2 * b + 1] = y01;
-                y1[2 * b] = y10;
-                y1[2 * b + 1] = y11;
+                y0[2 * b] = q00[t0 + b];
+                y0[2 * b + 1] = q01[t0 + b];
+                y1[2 * b] = q10[t0 + b];
+                y1[2 * b + 1] = q11[t0 + b];
               }
-          }
-      }
+        }
+    }
 }
 
 /* M[k] [Co,T] = U[k] [Co,Ci] V[k] [Ci,T] for transforms [k0, k1). */
@@ -687,7 +701,7 @@ wino_run (const Wino *wi, const float *xp, int n, const float *u,
                       v + rows_at);
           wino_gemms (wi, u, v, T, 0, 16, m);
           wino_output (wi, m, 0, wi->co, a0, a1, bias, add,
-                       y + s * wi->y_sample);
+                       y + s * wi->y_sample, v + rows_at);
         }
       return;
     }
@@ -707,7 +721,8 @@ wino_run (const Wino *wi, const float *xp, int n, const float *u,
         wino_gemms (wi, u, v, T, k, k + 1, m);
 #pragma omp parallel for schedule(static)
       for (int o = 0; o < wi->co; o++)
-        wino_output (wi, m, o, o + 1, a0, a1, bias, add, y + s * wi->y_sample);
+        wino_output (wi, m, o, o + 1, a0, a1, bias, add, y + s * wi->y_sample,
+                     work + per_thread * omp_get_thread_num () + rows_at);
     }
 }
 
