@@ -59,6 +59,15 @@ gboolean  cli_parse_int_list(const char *what, const char *s, int *out,
  * be "inf". */
 gboolean  cli_parse_interval(const char *what, const char *s, double *lo,
                              double *hi, GError **error);
+/* Guidance options that would guide no step, given p as it will sample
+ * on schedule s: an interval (the option's text, or NULL if not given) at
+ * free guidance scale 1, which is the conditional prediction everywhere,
+ * and a given interval or scale whose interval holds none of the steps'
+ * noise levels. */
+gboolean  cli_check_guidance_acts (const DfSchedule *s,
+                                   const DfSampleParams *p,
+                                   const char *interval, gboolean scale_given,
+                                   GError **error);
 /* A class given as a name or an index, checked against the model. */
 gboolean  cli_parse_class   (DfModel *m, const char *s, int *label,
                              GError **error);

@@ -283,25 +283,22 @@ check_model_options (const GenOptions *o, DfModel *m, DfSampleParams *p,
   else
     p->guidance = DF_GUIDANCE_NONE;
 
-  if (p->guidance == DF_GUIDANCE_NONE && o->scale != CLI_DOUBLE_UNSET)
+  if (p->guidance == DF_GUIDANCE_NONE
+      && (o->scale != CLI_DOUBLE_UNSET || o->interval != NULL))
     {
       /* Only the default can land here: --guidance none was refused. */
+      const char *opt = o->interval ? "--guidance-interval"
+                                    : "--guidance-scale";
+      char *value = o->interval ? g_strdup (o->interval)
+                                : g_strdup_printf ("%g", o->scale);
+
       g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
-                   "--guidance-scale %g has no effect: %s has no "
-                   "unconditional class, so --class %s samples without "
-                   "guidance; %sdrop --guidance-scale", o->scale,
-                   df_model_path (m), o->class_name,
-                   o->interpolate ? "" : "give --guidance classifier or ");
-      return FALSE;
-    }
-  if (p->guidance == DF_GUIDANCE_NONE && o->interval != NULL)
-    {
-      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
-                   "--guidance-interval %s has no effect: %s has no "
-                   "unconditional class, so --class %s samples without "
-                   "guidance; %sdrop --guidance-interval", o->interval,
-                   df_model_path (m), o->class_name,
-                   o->interpolate ? "" : "give --guidance classifier or ");
+                   "%s %s has no effect: %s has no unconditional class, so "
+                   "--class %s samples without guidance; %sdrop %s", opt,
+                   value, df_model_path (m), o->class_name,
+                   o->interpolate ? "" : "give --guidance classifier or ",
+                   opt);
+      g_free (value);
       return FALSE;
     }
   /* The default interval; scale 0 asks for unconditional sampling, which
@@ -357,41 +354,13 @@ check_model_options (const GenOptions *o, DfModel *m, DfSampleParams *p,
       *classifier = c;
     }
 
-  /* Guidance options that would guide no step: at scale 1 free guidance
-   * is the conditional prediction everywhere, and an interval can hold
-   * none of the steps' noise levels (diffuse schedule lists them). */
-  if (p->guidance == DF_GUIDANCE_FREE && o->interval && p->scale == 1.0)
+  if (!cli_check_guidance_acts (df_model_schedule (m), p, o->interval,
+                                o->scale != CLI_DOUBLE_UNSET, error))
     {
-      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
-                   "--guidance-interval %s has no effect at guidance scale "
-                   "1 (the conditional prediction at every step): drop it "
-                   "or give another --guidance-scale", o->interval);
-      goto refuse;
-    }
-  if (p->guidance != DF_GUIDANCE_NONE
-      && (o->interval || o->scale != CLI_DOUBLE_UNSET)
-      && !(p->guidance == DF_GUIDANCE_FREE && p->scale == 1.0)
-      && df_sample_guided_steps (df_model_schedule (m), p) == 0)
-    {
-      if (o->interval)
-        g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
-                     "--guidance-interval %s holds none of the %d steps' "
-                     "noise levels, so nothing is guided: widen it or give "
-                     "more --steps (diffuse schedule --steps %d lists their "
-                     "sigma)", o->interval, p->steps, p->steps);
-      else
-        g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
-                     "--guidance-scale %g has no effect: none of the %d "
-                     "steps has a noise level in the default guidance "
-                     "interval (" DF_FREE_GUIDE_TEXT "]; give more --steps "
-                     "or --guidance-interval 0,inf", o->scale, p->steps);
-      goto refuse;
+      g_clear_pointer (classifier, df_model_free);
+      return FALSE;
     }
   return TRUE;
-
-refuse:
-  g_clear_pointer (classifier, df_model_free);
-  return FALSE;
 }
 
 static int

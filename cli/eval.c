@@ -263,14 +263,6 @@ cli_eval (int argc, char **argv)
       p.guide_lo = DF_FREE_GUIDE_LO;
       p.guide_hi = DF_FREE_GUIDE_HI;
     }
-  if (interval_str && scale == 1.0)
-    {
-      g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
-                   "--guidance-interval %s has no effect at guidance scale 1 "
-                   "(the conditional prediction at every step): drop it or "
-                   "give another --guidance-scale", interval_str);
-      goto out;
-    }
   if (interval_str
       && !cli_parse_interval ("--guidance-interval", interval_str,
                               &p.guide_lo, &p.guide_hi, &error))
@@ -328,23 +320,10 @@ cli_eval (int argc, char **argv)
   p.steps = steps;
   p.guidance = DF_GUIDANCE_FREE;
   p.scale = scale;
+  if (!cli_check_guidance_acts (df_model_schedule (m), &p, interval_str,
+                                scale_given, &error))
+    goto out;
   guided = df_sample_guided_steps (df_model_schedule (m), &p);
-  if (guided == 0 && scale != 1.0 && (interval_str || scale_given))
-    {
-      if (interval_str)
-        g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
-                     "--guidance-interval %s holds none of the %d steps' "
-                     "noise levels, so nothing is guided: widen it or give "
-                     "more --steps (diffuse schedule --steps %d lists their "
-                     "sigma)", interval_str, steps, steps);
-      else
-        g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
-                     "--guidance-scale %g has no effect: none of the %d "
-                     "steps has a noise level in the default guidance "
-                     "interval (" DF_FREE_GUIDE_TEXT "]; give more --steps "
-                     "or --guidance-interval 0,inf", scale, steps);
-      goto out;
-    }
   feat = df_features_new (cls, &error);
   if (feat == NULL)
     goto out;

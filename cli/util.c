@@ -171,6 +171,41 @@ cli_parse_interval (const char *what, const char *s, double *lo, double *hi,
 }
 
 gboolean
+cli_check_guidance_acts (const DfSchedule *s, const DfSampleParams *p,
+                         const char *interval, gboolean scale_given,
+                         GError **error)
+{
+  gboolean conditional = p->guidance == DF_GUIDANCE_FREE && p->scale == 1.0;
+
+  if (p->guidance == DF_GUIDANCE_NONE)
+    return TRUE;
+  if (conditional && interval)
+    {
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--guidance-interval %s has no effect at guidance scale "
+                   "1 (the conditional prediction at every step): drop it "
+                   "or give another --guidance-scale", interval);
+      return FALSE;
+    }
+  if (conditional || !(interval || scale_given)
+      || df_sample_guided_steps (s, p) != 0)
+    return TRUE;
+  if (interval)
+    g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                 "--guidance-interval %s holds none of the %d steps' noise "
+                 "levels, so nothing is guided: widen it or give more "
+                 "--steps (diffuse schedule --steps %d lists their sigma)",
+                 interval, p->steps, p->steps);
+  else
+    g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                 "--guidance-scale %g has no effect: none of the %d steps "
+                 "has a noise level in the default guidance interval ("
+                 DF_FREE_GUIDE_TEXT "]; give more --steps or "
+                 "--guidance-interval 0,inf", p->scale, p->steps);
+  return FALSE;
+}
+
+gboolean
 cli_parse_class (DfModel *m, const char *s, int *label, GError **error)
 {
   int k = df_model_num_classes (m), found;
