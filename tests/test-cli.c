@@ -1275,6 +1275,13 @@ test_train_and_eval (void)
   assert_one_line_error (&r, "--guidance-scale 3 has no effect: none of the "
                              "2 steps");
   run_clear (&r);
+  r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,
+           "--test-data", test, "--count", "6", "--steps", "3",
+           "--train-count", "6", "--guidance-scale", "1",
+           "--guidance-interval", "0.5,2", "--quiet");
+  assert_one_line_error (&r, "--guidance-interval 0.5,2 has no effect at "
+                             "guidance scale 1");
+  run_clear (&r);
 
   r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,
            "--test-data", test, "--count", "6", "--steps", "3",
