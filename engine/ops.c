@@ -405,13 +405,15 @@ conv_tile_store (const ConvGeom *c, const float *acc, int y0, int y1,
  *         | 0 -1  1  0 |       | 1/2 -1/2  1/2 |
  *         | 0  1  0 -1 |       | 0    0    1   |
  *
- * Used for the "same" 3x3 convolutions (stride 1, pad 1) of even size and
- * rows of 14 or more: forward, input gradient (the transposed convolution
- * is a "same" 3x3 one by the flipped, transposed kernel) and weight
- * gradient (wino_weight_grad).  A unit is (sample, band of tile rows), a
- * run of samples for dW, so results depend on neither the batch nor the
- * thread count.  Odd sizes (the UNet's 7 x 7 level) and rows under 14
- * keep the direct forms below. */
+ * Used for the "same" 3x3 convolutions (stride 1, pad 1) with rows of 7
+ * or more: forward, input gradient (the transposed convolution is a
+ * "same" 3x3 one by the flipped, transposed kernel) and weight gradient
+ * (wino_weight_grad).  An odd size has a last row or column of tiles half
+ * outside the image: its input patch reads one more zero of padding, its
+ * outputs outside are dropped (forward) or taken as zero (dY, for dW).  A
+ * unit is (sample, band of tile rows), a run of samples for dW, so results
+ * depend on neither the batch nor the thread count.  Rows under 7 keep
+ * the direct forms below. */
 
 /* Tiles per unit, about: the GEMMs' N.  Up to 32 x 32 images a unit is a
  * whole sample (196 tiles at 28 x 28): at the UNet's 32 to 64 channels a
@@ -420,12 +422,19 @@ conv_tile_store (const ConvGeom *c, const float *acc, int y0, int y1,
  * thread a unit. */
 #define WINO_TILES 256
 
+/* Samples per unit of the Winograd dW (wino_weight_grad): a unit is a
+ * thread's, its GEMMs per (sample, band), or per group of samples when a
+ * sample has few tiles.  Groups divide it. */
+#define WINO_DW_SAMPLES 8
+
 typedef struct {
   int    ci, co;              /* channels in and out */
-  int    h, w;                /* output size = input size, both even */
-  int    th, tw;              /* tile rows and columns: h / 2, w / 2 */
+  int    h, w;                /* output size = input size */
+  int    th, tw;              /* tile rows and columns: h / 2, w / 2 rounded up */
   int    band, n_bands;       /* tile rows per unit, units per sample */
-  gsize  wp;                  /* padded input row: w + 2 (and h + 2 rows) */
+  int    dw_group;            /* samples side by side in a dW GEMM */
+  gsize  hp, wp;              /* padded input: 2 th + 2 rows of 2 tw + 2 */
+  gsize  plane;               /* hp wp */
   gsize  x_sample, x_chan;    /* padded input strides */
   gsize  y_sample, y_chan;    /* output strides (dY's, for dW) */
 } Wino;
@@ -434,14 +443,14 @@ static gboolean
 conv_winograd (const ConvGeom *c, int pad_hi)
 {
   return c->kh == 3 && c->kw == 3 && c->stride == 1 && c->pad == 1
-         && pad_hi == 1 && c->h % 2 == 0 && c->w % 2 == 0 && c->w >= 14;
+         && pad_hi == 1 && c->w >= 7;
 }
 
-/* A "same" 3x3 convolution ci -> co on h x w planes, its padded input and
- * its output laid out with the given strides. */
+/* A "same" 3x3 convolution ci -> co on h x w planes: its padded input is
+ * [N,Ci,Hp,Wp], or [Ci,N,Hp,Wp] when chan_major_n (N) is not 0; its output
+ * [N,Co,H,W]. */
 static void
-wino_init (Wino *wi, int ci, int co, int h, int w, gsize x_sample,
-           gsize x_chan, gsize y_sample, gsize y_chan)
+wino_init (Wino *wi, int ci, int co, int h, int w, int chan_major_n)
 {
   int tiles;
 
@@ -449,39 +458,63 @@ wino_init (Wino *wi, int ci, int co, int h, int w, gsize x_sample,
   wi->co = co;
   wi->h = h;
   wi->w = w;
-  wi->th = h / 2;
-  wi->tw = w / 2;
+  wi->th = (h + 1) / 2;
+  wi->tw = (w + 1) / 2;
   tiles = wi->th * wi->tw;
   wi->n_bands = MAX (1, (tiles + WINO_TILES - 1) / WINO_TILES);
   wi->band = (wi->th + wi->n_bands - 1) / wi->n_bands;
   wi->n_bands = (wi->th + wi->band - 1) / wi->band;
-  wi->wp = (gsize) w + 2;
-  wi->x_sample = x_sample;
-  wi->x_chan = x_chan;
-  wi->y_sample = y_sample;
-  wi->y_chan = y_chan;
+  /* A sample with few tiles shares its dW GEMMs with others of its run,
+   * as many as divide the run and keep K near WINO_TILES. */
+  wi->dw_group = 1;
+  if (wi->n_bands == 1)
+    while (wi->dw_group < WINO_DW_SAMPLES
+           && 2 * wi->dw_group * tiles <= WINO_TILES)
+      wi->dw_group *= 2;
+  wi->hp = (gsize) 2 * wi->th + 2;
+  wi->wp = (gsize) 2 * wi->tw + 2;
+  wi->plane = wi->hp * wi->wp;
+  wi->x_sample = chan_major_n > 0 ? wi->plane : ci * wi->plane;
+  wi->x_chan = chan_major_n > 0 ? chan_major_n * wi->plane : wi->plane;
+  wi->y_sample = (gsize) co * h * w;
+  wi->y_chan = (gsize) h * w;
 }
 
-/* Floats of wino_input's row buffers (four padded rows, and the even and
- * odd halves of four) or of wino_output's four outputs of a band's tiles,
- * whichever is more. */
+/* The padded input of wi from src [N,ch,H,W] (ch: wi's ci), laid out as
+ * wino_init was told. */
+static void
+wino_pad (const Wino *wi, const float *src, int n, gboolean chan_major,
+          float *dst)
+{
+  pad_planes (src, n, wi->ci, wi->h, wi->w, wi->hp, wi->wp, 1, chan_major,
+              dst);
+}
+
+/* Floats of wino_input's column transforms: 8 runs of (band + 1) tw, the
+ * even and odd padded rows of a band by 4 column combinations
+ * (wino_output and wino_dy use 4 runs of a band's tiles, fewer). */
 static gsize
 wino_rows (const Wino *wi)
 {
-  return MAX (4 * wi->wp + 8 * ((gsize) wi->tw + 1),
-              (gsize) 4 * wi->band * wi->tw);
+  return (gsize) 8 * (wi->band + 1) * wi->tw;
 }
 
-/* Floats of a thread's scratch: a unit's V [16][Ci,T] and M [16][Co,T]
- * (E instead of M for dW), T its tiles, at least the [9][Ci] taps of
+/* Floats of a thread's scratch for units of T tiles: V [16][Ci,T] and M
+ * [16][Co,T] (E instead of M for dW), at least the [9][Ci] taps of
  * wino_weights, then wino_input's rows.  All of it lives in the graph's
  * workspace: nothing sized by the input goes on a thread's stack. */
 static gsize
+wino_scratch (const Wino *wi, gsize T)
+{
+  return MAX (16 * T * (wi->ci + wi->co), (gsize) 9 * wi->ci)
+         + wino_rows (wi);
+}
+
+/* The same for the forward's units, a band each. */
+static gsize
 wino_per_thread (const Wino *wi)
 {
-  gsize unit = (gsize) 16 * wi->band * wi->tw * (wi->ci + wi->co);
-
-  return MAX (unit, (gsize) 9 * wi->ci) + wino_rows (wi);
+  return wino_scratch (wi, (gsize) wi->band * wi->tw);
 }
 
 /* u [Co][16][Ci] = G g G^T of each kernel g, so that transform k is the
@@ -541,81 +574,118 @@ wino_weights (const Wino *wi, const float *w, gboolean flip, float *u,
     }
 }
 
-/* V[k][c, t] = (B^T d B)[k] for channels [c0, c1) and the tiles t of tile
- * rows [a0, a1), d the 4x4 patch of the padded input xs (one sample) at
- * tile t; V's rows are T floats long.  Rows first: B^T times the patch
- * rows, whole padded rows at once; then columns, on the even and odd
- * halves of those rows so that each of the 16 results is a run over the
- * tile columns.  rows: wino_rows floats. */
+/* V[k][c, t0 + t] = (B^T d B)[k] for channels [c0, c1) and the tiles t of
+ * tile rows [a0, a1), d the 4x4 patch of the padded input xs (one sample)
+ * at tile t; V's rows are T floats long.  Columns first: each padded row's
+ * 4 column combinations of every tile, into ct [2][4][band + 1][tw] by
+ * even and odd rows; a patch's rows are then rows a and a + 1 of the even
+ * and odd ones, so each of the 16 results is a difference of two runs of
+ * ct, tw floats apart, over all the band's tiles at once (runs that
+ * vectorise even at 4 tiles a row).  ct: wino_rows floats. */
 static void
 wino_input (const Wino *wi, const float *restrict xs, int c0, int c1, int a0,
-            int a1, gsize T, float *restrict v, float *restrict rows)
+            int a1, gsize T, gsize t0, float *restrict v,
+            float *restrict ct)
 {
-  int tw = wi->tw;
-  gsize wp = wi->wp, half = (gsize) tw + 1;
-  float *restrict t = rows, *restrict e = t + 4 * wp;
-  float *restrict od = e + 4 * half;
+  int tw = wi->tw, nb = a1 - a0;
+  gsize wp = wi->wp, tb = (gsize) nb * tw, run = (gsize) (nb + 1) * tw;
+  gsize kc = (gsize) wi->ci * T;
 
   for (int c = c0; c < c1; c++)
-    for (int a = a0; a < a1; a++)
-      {
-        const float *r0 = xs + c * wi->x_chan + (gsize) 2 * a * wp;
-        const float *r1 = r0 + wp, *r2 = r1 + wp, *r3 = r2 + wp;
-        gsize base = (gsize) c * T + (gsize) (a - a0) * tw;
+    {
+      const float *x0 = xs + c * wi->x_chan + (gsize) 2 * a0 * wp;
+      float *restrict vc = v + (gsize) c * T + t0;
 
-        for (gsize j = 0; j < wp; j++)
-          {
-            t[j] = r0[j] - r2[j];
-            t[wp + j] = r1[j] + r2[j];
-            t[2 * wp + j] = r2[j] - r1[j];
-            t[3 * wp + j] = r1[j] - r3[j];
-          }
-        for (int i = 0; i < 4; i++)
-          for (int j = 0; j <= tw; j++)
+      /* Column combinations (x0 - x2, x1 + x2, x2 - x1, x1 - x3) of the
+       * padded rows 2 a0 .. 2 a1 + 1. */
+      for (int r = 0; r < 2 * (nb + 1); r++)
+        {
+          const float *restrict xr = x0 + (gsize) r * wp;
+          float *restrict e0 = ct + (gsize) (r % 2) * 4 * run
+                               + (gsize) (r / 2) * tw;
+          float *restrict e1 = e0 + run, *restrict e2 = e1 + run;
+          float *restrict e3 = e2 + run;
+
+          for (int b = 0; b < tw; b++)
             {
-              e[i * half + j] = t[i * wp + 2 * j];
-              od[i * half + j] = t[i * wp + 2 * j + 1];
-            }
-        for (int i = 0; i < 4; i++)
-          {
-            const float *restrict ei = e + i * half, *restrict oi = od + i * half;
-            float *restrict v0 = v + (gsize) (4 * i) * wi->ci * T + base;
-            float *restrict v1 = v0 + (gsize) wi->ci * T;
-            float *restrict v2 = v1 + (gsize) wi->ci * T;
-            float *restrict v3 = v2 + (gsize) wi->ci * T;
+              float p = xr[2 * b], q = xr[2 * b + 1];
+              float u = xr[2 * b + 2], z = xr[2 * b + 3];
 
-            for (int b = 0; b < tw; b++)
-              {
-                v0[b] = ei[b] - ei[b + 1];
-                v1[b] = oi[b] + ei[b + 1];
-                v2[b] = ei[b + 1] - oi[b];
-                v3[b] = oi[b] - oi[b + 1];
-              }
-          }
-      }
+              e0[b] = p - u;
+              e1[b] = q + u;
+              e2[b] = u - q;
+              e3[b] = q - z;
+            }
+        }
+
+      /* Row combinations (r0 - r2, r1 + r2, r2 - r1, r1 - r3). */
+      for (int j = 0; j < 4; j++)
+        {
+          const float *restrict ev = ct + (gsize) j * run;
+          const float *restrict od = ev + 4 * run;
+          float *restrict v0 = vc + (gsize) j * kc;
+          float *restrict v1 = v0 + 4 * kc, *restrict v2 = v1 + 4 * kc;
+          float *restrict v3 = v2 + 4 * kc;
+
+          for (gsize l = 0; l < tb; l++)
+            {
+              v0[l] = ev[l] - ev[l + tw];
+              v1[l] = od[l] + ev[l + tw];
+              v2[l] = ev[l + tw] - od[l];
+              v3[l] = od[l] - od[l + tw];
+            }
+        }
+    }
 }
 
-/* ys[o, rows 2a..2a+1] (+)= A^T M[., o, tiles of row a] A (+ bias[o]) for
- * output channels [o0, o1) and tile rows [a0, a1).  Per channel the four
- * outputs of every tile are computed over all T tiles at once (runs of T
- * floats, which vectorise), into q [4][T], then interleaved into the
- * rows.  q: wino_rows floats. */
-static void
-wino_output (const Wino *wi, const float *restrict m, int o0, int o1, int a0,
-             int a1, const float *bias, gboolean add, float *restrict ys,
-             float *restrict q)
+/* y[0, w) (+)= the even and odd outputs of a row's tiles interleaved (the
+ * last odd one dropped when w is odd). */
+static inline void
+wino_put_row (float *restrict y, const float *restrict even,
+              const float *restrict odd, int w, gboolean add)
 {
-  int tw = wi->tw, T = (a1 - a0) * tw;
+  int pairs = w / 2;
+
+  if (add)
+    for (int b = 0; b < pairs; b++)
+      {
+        y[2 * b] += even[b];
+        y[2 * b + 1] += odd[b];
+      }
+  else
+    for (int b = 0; b < pairs; b++)
+      {
+        y[2 * b] = even[b];
+        y[2 * b + 1] = odd[b];
+      }
+  if (w % 2 != 0 && add)
+    y[w - 1] += even[pairs];
+  else if (w % 2 != 0)
+    y[w - 1] = even[pairs];
+}
+
+/* ys[o, rows 2a..2a+1] (+)= A^T M[., o, t0 + tiles of row a] A (+ bias[o])
+ * for output channels [o0, o1) and tile rows [a0, a1) of one sample,
+ * without the outputs outside the image; M's rows are T floats long.  Per
+ * channel the four outputs of every tile are computed over the band's tb
+ * tiles at once (runs of tb floats, which vectorise), into q [4][tb], then
+ * interleaved into the rows.  q: wino_rows floats. */
+static void
+wino_output (const Wino *wi, const float *restrict m, gsize T, gsize t0,
+             int o0, int o1, int a0, int a1, const float *bias, gboolean add,
+             float *restrict ys, float *restrict q)
+{
+  int tw = wi->tw, tb = (a1 - a0) * tw;
   gsize ct = (gsize) wi->co * T;
-  float *restrict q00 = q, *restrict q01 = q + T;
-  float *restrict q10 = q + 2 * T, *restrict q11 = q + 3 * T;
+  float *restrict q00 = q, *restrict q01 = q + tb;
+  float *restrict q10 = q + 2 * tb, *restrict q11 = q + 3 * tb;
 
   for (int o = o0; o < o1; o++)
     {
-      const float *restrict mo = m + (gsize) o * T;
+      const float *restrict mo = m + (gsize) o * T + t0;
       float bo = bias != NULL ? bias[o] : 0.0f;
 
-      for (int t = 0; t < T; t++)
+      for (int t = 0; t < tb; t++)
         {
           float r0[4], r1[4];
 
@@ -636,26 +706,12 @@ wino_output (const Wino *wi, const float *restrict m, int o0, int o1, int a0,
         }
       for (int a = a0; a < a1; a++)
         {
-          int t0 = (a - a0) * tw;
-          float *restrict y0 = ys + o * wi->y_chan + (gsize) 2 * a * wi->w;
-          float *restrict y1 = y0 + wi->w;
+          int ta = (a - a0) * tw;
+          float *y0 = ys + o * wi->y_chan + (gsize) 2 * a * wi->w;
 
-          if (add)
-            for (int b = 0; b < tw; b++)
-              {
-                y0[2 * b] += q00[t0 + b];
-                y0[2 * b + 1] += q01[t0 + b];
-                y1[2 * b] += q10[t0 + b];
-                y1[2 * b + 1] += q11[t0 + b];
-              }
-          else
-            for (int b = 0; b < tw; b++)
-              {
-                y0[2 * b] = q00[t0 + b];
-                y0[2 * b + 1] = q01[t0 + b];
-                y1[2 * b] = q10[t0 + b];
-                y1[2 * b + 1] = q11[t0 + b];
-              }
+          wino_put_row (y0, q00 + ta, q01 + ta, wi->w, add);
+          if (2 * a + 1 < wi->h)
+            wino_put_row (y0 + wi->w, q10 + ta, q11 + ta, wi->w, add);
         }
     }
 }
@@ -697,10 +753,10 @@ wino_run (const Wino *wi, const float *xp, int n, const float *u,
           float *v = work + per_thread * omp_get_thread_num ();
           float *m = v + (gsize) 16 * wi->ci * T;
 
-          wino_input (wi, xp + s * wi->x_sample, 0, wi->ci, a0, a1, T, v,
+          wino_input (wi, xp + s * wi->x_sample, 0, wi->ci, a0, a1, T, 0, v,
                       v + rows_at);
           wino_gemms (wi, u, v, T, 0, 16, m);
-          wino_output (wi, m, 0, wi->co, a0, a1, bias, add,
+          wino_output (wi, m, T, 0, 0, wi->co, a0, a1, bias, add,
                        y + s * wi->y_sample, v + rows_at);
         }
       return;
@@ -714,14 +770,15 @@ wino_run (const Wino *wi, const float *xp, int n, const float *u,
 
 #pragma omp parallel for schedule(static)
       for (int c = 0; c < wi->ci; c++)
-        wino_input (wi, xp + s * wi->x_sample, c, c + 1, a0, a1, T, v,
+        wino_input (wi, xp + s * wi->x_sample, c, c + 1, a0, a1, T, 0, v,
                     work + per_thread * omp_get_thread_num () + rows_at);
 #pragma omp parallel for schedule(static)
       for (int k = 0; k < 16; k++)
         wino_gemms (wi, u, v, T, k, k + 1, m);
 #pragma omp parallel for schedule(static)
       for (int o = 0; o < wi->co; o++)
-        wino_output (wi, m, o, o + 1, a0, a1, bias, add, y + s * wi->y_sample,
+        wino_output (wi, m, T, 0, o, o + 1, a0, a1, bias, add,
+                     y + s * wi->y_sample,
                      work + per_thread * omp_get_thread_num () + rows_at);
     }
 }
@@ -734,9 +791,12 @@ wino_run (const Wino *wi, const float *xp, int n, const float *u,
  * thread count. */
 #define CONV_DW_SAMPLES 16
 
-/* Samples per unit of the Winograd dW: fewer than the shifted form's, as
- * a unit here is a thread's (its GEMMs are per sample and band). */
-#define WINO_DW_SAMPLES 8
+/* Floats of a thread's scratch in wino_weight_grad: a group's tiles. */
+static gsize
+wino_dw_per_thread (const Wino *wi)
+{
+  return wino_scratch (wi, (gsize) wi->dw_group * wi->band * wi->tw);
+}
 
 /* Floats of wino_weight_grad's scratch for n samples and threads. */
 static gsize
@@ -744,25 +804,107 @@ wino_dw_scratch (const Wino *wi, int n, int threads)
 {
   int n_runs = (n + WINO_DW_SAMPLES - 1) / WINO_DW_SAMPLES;
 
-  return (gsize) threads * wino_per_thread (wi)
+  return (gsize) threads * wino_dw_per_thread (wi)
          + (gsize) n_runs * 16 * wi->co * wi->ci;
 }
 
+/* E[k][o, t0 + t] = (A dY A^T)[k] for the tiles t of tile rows [a0, a1) of
+ * one sample's dY (output gradient, at wi's y strides); E's rows are T
+ * floats long.  A 2x2 tile [[p, q], [r, z]] (zeros outside the image) goes
+ * to rows (p, q), (p + r, q + z), (p - r, q - z), (-r, -z), and each row
+ * (x, y) to (x, x + y, x - y, -y).  Per channel the band's p, q, r and z
+ * go to runs of its tiles first, in pq (wino_rows floats), so that the 16
+ * results are computed over all of them at once. */
+static void
+wino_dy (const Wino *wi, const float *restrict dys, int a0, int a1, gsize T,
+         gsize t0, float *restrict e, float *restrict pq)
+{
+  int tw = wi->tw, w = wi->w, pairs = w / 2;
+  gsize tb = (gsize) (a1 - a0) * tw, kt = (gsize) wi->co * T;
+  float *restrict P = pq, *restrict Q = P + tb;
+  float *restrict R = Q + tb, *restrict Z = R + tb;
+
+  for (int o = 0; o < wi->co; o++)
+    {
+      float *restrict eo = e + (gsize) o * T + t0;
+
+      for (int a = a0; a < a1; a++)
+        {
+          const float *d0 = dys + o * wi->y_chan + (gsize) 2 * a * w;
+          const float *d1 = d0 + w;
+          gsize l = (gsize) (a - a0) * tw;
+
+          for (int b = 0; b < pairs; b++)
+            {
+              P[l + b] = d0[2 * b];
+              Q[l + b] = d0[2 * b + 1];
+            }
+          if (w % 2 != 0)
+            {
+              P[l + pairs] = d0[w - 1];
+              Q[l + pairs] = 0.0f;
+            }
+          if (2 * a + 1 < wi->h)
+            {
+              for (int b = 0; b < pairs; b++)
+                {
+                  R[l + b] = d1[2 * b];
+                  Z[l + b] = d1[2 * b + 1];
+                }
+              if (w % 2 != 0)
+                {
+                  R[l + pairs] = d1[w - 1];
+                  Z[l + pairs] = 0.0f;
+                }
+            }
+          else
+            for (int b = 0; b < tw; b++)
+              R[l + b] = Z[l + b] = 0.0f;
+        }
+
+      /* The 16 runs are kt floats apart, so never overlap. */
+#pragma GCC ivdep
+      for (gsize l = 0; l < tb; l++)
+        {
+          float p = P[l], q = Q[l], r = R[l], z = Z[l];
+          float sp = p + r, sq = q + z, dp = p - r, dq = q - z;
+
+          eo[l] = p;
+          eo[kt + l] = p + q;
+          eo[2 * kt + l] = p - q;
+          eo[3 * kt + l] = -q;
+          eo[4 * kt + l] = sp;
+          eo[5 * kt + l] = sp + sq;
+          eo[6 * kt + l] = sp - sq;
+          eo[7 * kt + l] = -sq;
+          eo[8 * kt + l] = dp;
+          eo[9 * kt + l] = dp + dq;
+          eo[10 * kt + l] = dp - dq;
+          eo[11 * kt + l] = -dq;
+          eo[12 * kt + l] = -r;
+          eo[13 * kt + l] = -r - z;
+          eo[14 * kt + l] = z - r;
+          eo[15 * kt + l] = z;
+        }
+    }
+}
+
 /* dU[k][o, c] = sum over tiles t of (A dY_o A^T)[k] at t times V[k][c, t]:
- * the gradient of the forward's U = G g G^T, 16 GEMMs a (sample, band) of
- * K = its tiles; then dg = G^T dU G.  xp is the padded input and dy
- * [N,Co,H,W] the output gradient, at wi's strides (Ci in, Co out).  A unit
- * is a run of WINO_DW_SAMPLES samples, done band by band so that a band's
- * V and E stay in cache; the runs' partial dU are summed in order, so dW
- * does not depend on the thread count.  work: wino_dw_scratch floats for
- * threads threads. */
+ * the gradient of the forward's U = G g G^T, 16 GEMMs a (group of
+ * samples, band) of K = their tiles; then dg = G^T dU G.  xp is the
+ * padded input and dy [N,Co,H,W] the output gradient, at wi's strides (Ci
+ * in, Co out).  A unit is a run of WINO_DW_SAMPLES samples, done band by
+ * band so that a band's V and E stay in cache, or wi->dw_group samples at
+ * a time side by side when a sample is one band of few tiles; the runs'
+ * partial dU are summed in order, so dW does not depend on the thread
+ * count.  work: wino_dw_scratch floats for threads threads. */
 static void
 wino_weight_grad (const Wino *wi, const float *xp, const float *dy, int n,
                   float *dw, float *work, int threads)
 {
   int ci = wi->ci, co = wi->co, tw = wi->tw;
   int n_runs = (n + WINO_DW_SAMPLES - 1) / WINO_DW_SAMPLES;
-  gsize cc16 = (gsize) 16 * co * ci, per_thread = wino_per_thread (wi);
+  gsize cc16 = (gsize) 16 * co * ci, per_thread = wino_dw_per_thread (wi);
   gsize rows_at = per_thread - wino_rows (wi);
   float *du = work + per_thread * threads;
 
@@ -773,90 +915,82 @@ wino_weight_grad (const Wino *wi, const float *xp, const float *dy, int n,
       float *v = work + per_thread * omp_get_thread_num ();
       float *dur = du + run * cc16;
 
-      for (int s = s0; s < s1; s++)
+      for (int sg = s0; sg < s1; sg += wi->dw_group)
         for (int a0 = 0; a0 < wi->th; a0 += wi->band)
           {
             int a1 = MIN (a0 + wi->band, wi->th);
-            gsize T = (gsize) (a1 - a0) * tw, kt = (gsize) co * T;
+            int sg1 = MIN (sg + wi->dw_group, s1);
+            gsize tb = (gsize) (a1 - a0) * tw, T = tb * (sg1 - sg);
+            gsize kt = (gsize) co * T;
             float *e = v + (gsize) 16 * ci * T;
 
-            /* V, and E[k][o, t] = (A dY A^T)[k]: a 2x2 tile [[p, q],
-             * [r, z]] goes to rows (p, q), (p + r, q + z), (p - r, q - z),
-             * (-r, -z), and each row (x, y) to (x, x + y, x - y, -y). */
-            wino_input (wi, xp + s * wi->x_sample, 0, ci, a0, a1, T, v,
-                        v + rows_at);
-            for (int o = 0; o < co; o++)
-              for (int a = a0; a < a1; a++)
-                {
-                  const float *d0 = dy + s * wi->y_sample + o * wi->y_chan
-                                    + (gsize) 2 * a * wi->w;
-                  const float *d1 = d0 + wi->w;
-                  float *eo = e + (gsize) o * T + (gsize) (a - a0) * tw;
-
-                  for (int b = 0; b < tw; b++)
-                    {
-                      float p = d0[2 * b], q = d0[2 * b + 1];
-                      float r = d1[2 * b], z = d1[2 * b + 1];
-                      float rows[4][2] = { { p, q }, { p + r, q + z },
-                                           { p - r, q - z }, { -r, -z } };
-
-                      for (int i = 0; i < 4; i++)
-                        {
-                          float x = rows[i][0], y = rows[i][1];
-                          float *ek = eo + (gsize) (4 * i) * kt + b;
-
-                          ek[0] = x;
-                          ek[kt] = x + y;
-                          ek[2 * kt] = x - y;
-                          ek[3 * kt] = -y;
-                        }
-                    }
-                }
+            for (int s = sg; s < sg1; s++)
+              {
+                wino_input (wi, xp + s * wi->x_sample, 0, ci, a0, a1, T,
+                            (s - sg) * tb, v, v + rows_at);
+                wino_dy (wi, dy + s * wi->y_sample, a0, a1, T, (s - sg) * tb,
+                         e, v + rows_at);
+              }
 
             /* dU[run][o][k][c] (+)= E[k] V[k]^T */
             for (int k = 0; k < 16; k++)
               df_sgemm (DF_NO_TRANS, DF_TRANS, co, ci, (int) T, 1.0f,
                         e + (gsize) k * kt, T, v + (gsize) k * ci * T, T,
-                        s == s0 && a0 == 0 ? 0.0f : 1.0f,
+                        sg == s0 && a0 == 0 ? 0.0f : 1.0f,
                         dur + (gsize) k * ci, 16 * ci);
           }
     }
 
   /* dw [Co,Ci,3,3] += G^T (sum of the runs' dU in order) G; G^T's rows are
-   * (1, 1/2, 1/2, 0), (0, 1/2, -1/2, 0), (0, 1/2, 1/2, 1). */
+   * (1, 1/2, 1/2, 0), (0, 1/2, -1/2, 0), (0, 1/2, 1/2, 1).  Per output
+   * channel the runs' rows dU[run][o][k] are summed first, into m [16][Ci]
+   * in the thread's scratch. */
 #pragma omp parallel for schedule(static) if (cc16 > DF_PAR_MIN)
   for (int o = 0; o < co; o++)
-    for (int c = 0; c < ci; c++)
-      {
-        float m[16], gm[3][4], *d = dw + ((gsize) o * ci + c) * 9;
+    {
+      float *restrict m = work + per_thread * omp_get_thread_num ();
 
-        for (int k = 0; k < 16; k++)
-          {
-            float sum = 0;
+      for (int k = 0; k < 16; k++)
+        {
+          float *restrict mk = m + (gsize) k * ci;
 
-            for (int run = 0; run < n_runs; run++)
-              sum += du[run * cc16 + ((gsize) o * 16 + k) * ci + c];
-            m[k] = sum;
-          }
-        /* G^T m: rows of m are (m0, m1, m2, m3) per column j */
-        for (int j = 0; j < 4; j++)
-          {
-            float m0 = m[j], m1 = m[4 + j], m2 = m[8 + j], m3 = m[12 + j];
+          memcpy (mk, du + ((gsize) o * 16 + k) * ci, ci * sizeof (float));
+          for (int run = 1; run < n_runs; run++)
+            {
+              const float *restrict dr = du + run * cc16
+                                         + ((gsize) o * 16 + k) * ci;
 
-            gm[0][j] = m0 + 0.5f * (m1 + m2);
-            gm[1][j] = 0.5f * (m1 - m2);
-            gm[2][j] = 0.5f * (m1 + m2) + m3;
-          }
-        /* (G^T m) G */
-        for (int i = 0; i < 3; i++)
-          {
-            float g0 = gm[i][0], g1 = gm[i][1], g2 = gm[i][2], g3 = gm[i][3];
+              for (int c = 0; c < ci; c++)
+                mk[c] += dr[c];
+            }
+        }
+      for (int c = 0; c < ci; c++)
+        {
+          float gm[3][4], *d = dw + ((gsize) o * ci + c) * 9;
 
-            d[i * 3] += g0 + 0.5f * (g1 + g2);
-            d[i * 3 + 1] += 0.5f * (g1 - g2);
-            d[i * 3 + 2] += 0.5f * (g1 + g2) + g3;
-          }
-      }
+          /* G^T m: rows of m are (m0, m1, m2, m3) per column j */
+          for (int j = 0; j < 4; j++)
+            {
+              float m0 = m[(gsize) j * ci + c], m1 = m[(gsize) (4 + j) * ci + c];
+              float m2 = m[(gsize) (8 + j) * ci + c];
+              float m3 = m[(gsize) (12 + j) * ci + c];
+
+              gm[0][j] = m0 + 0.5f * (m1 + m2);
+              gm[1][j] = 0.5f * (m1 - m2);
+              gm[2][j] = 0.5f * (m1 + m2) + m3;
+            }
+          /* (G^T m) G */
+          for (int i = 0; i < 3; i++)
+            {
+              float g0 = gm[i][0], g1 = gm[i][1], g2 = gm[i][2];
+              float g3 = gm[i][3];
+
+              d[i * 3] += g0 + 0.5f * (g1 + g2);
+              d[i * 3 + 1] += 0.5f * (g1 - g2);
+              d[i * 3 + 2] += 0.5f * (g1 + g2) + g3;
+            }
+        }
+    }
 }
 
 /* "Same" stride-1 convolutions (Ho = H, Wo = W, kh = kw, pads summing to
@@ -1002,7 +1136,8 @@ conv2d_backward_shifted (DfGraph *g, DfRecord *r, const ConvGeom *c)
  * conv_winograd): dW by wino_weight_grad from the padded input, dx as the
  * transposed convolution's forward from dY padded channel-major [Co,N,Hp,
  * Wp], by the flipped kernel, added into dx.  The two share one scratch,
- * one after the other. */
+ * one after the other; both paddings are Winograd's (wino_init), not the
+ * convolution's. */
 static void
 conv2d_backward_winograd (DfGraph *g, DfRecord *r, const ConvGeom *c)
 {
@@ -1011,17 +1146,16 @@ conv2d_backward_winograd (DfGraph *g, DfRecord *r, const ConvGeom *c)
   float *dw = df_grad_or_null (w);               /* [Co,Ci,3,3] */
   const float *dy = r->out->grad;                /* [N,Co,H,W] */
   int n = x->shape[0], threads = omp_get_max_threads ();
-  gsize p = (gsize) c->h * c->w, plane = (gsize) c->hp * c->wp;
   gsize cc16 = (gsize) 16 * c->co * c->ci, dw_need = 0, dx_need = 0;
+  gsize plane;
   float *work, *xp, *dyp, *scratch;
   Wino ww, wx;
 
   /* dW: Ci in, Co out, from xp [N,Ci,Hp,Wp] and dY [N,Co,H,W]; dx: Co in,
    * Ci out, from dyp [Co,N,Hp,Wp] into dx [N,Ci,H,W]. */
-  wino_init (&ww, c->ci, c->co, c->h, c->w, (gsize) c->ci * plane, plane,
-             (gsize) c->co * p, p);
-  wino_init (&wx, c->co, c->ci, c->h, c->w, plane, (gsize) n * plane,
-             (gsize) c->ci * p, p);
+  wino_init (&ww, c->ci, c->co, c->h, c->w, 0);
+  wino_init (&wx, c->co, c->ci, c->h, c->w, n);
+  plane = ww.plane;
   if (dw != NULL)
     dw_need = wino_dw_scratch (&ww, n, threads);
   if (dx != NULL)
@@ -1038,12 +1172,12 @@ conv2d_backward_winograd (DfGraph *g, DfRecord *r, const ConvGeom *c)
 
   if (dw != NULL)
     {
-      pad_input (c, x->data, n, xp);
+      wino_pad (&ww, x->data, n, FALSE, xp);
       wino_weight_grad (&ww, xp, dy, n, dw, scratch, threads);
     }
   if (dx != NULL)
     {
-      pad_planes (dy, n, c->co, c->h, c->w, c->hp, c->wp, 1, TRUE, dyp);
+      wino_pad (&wx, dy, n, TRUE, dyp);
       wino_weights (&wx, w->data, TRUE, scratch, scratch + cc16);
       wino_run (&wx, dyp, n, scratch, NULL, TRUE, dx, scratch + cc16);
     }
@@ -1080,18 +1214,17 @@ conv2d_forward_winograd (DfGraph *g, const ConvGeom *c, const DfTensor *x,
                          const DfTensor *w, const DfTensor *b, DfTensor *y)
 {
   int n = x->shape[0];
-  gsize plane = (gsize) c->hp * c->wp, p = (gsize) c->h * c->w;
-  gsize xps = (gsize) c->ci * plane, cc16 = (gsize) 16 * c->co * c->ci;
+  gsize cc16 = (gsize) 16 * c->co * c->ci;
   float *xp, *u;
   Wino wi;
 
-  /* Workspace: the padded input [N,Ci,Hp,Wp], the kernel's transform,
-   * then the threads' scratch. */
-  wino_init (&wi, c->ci, c->co, c->h, c->w, xps, plane, (gsize) c->co * p, p);
-  xp = df_graph_workspace (g, n * xps + cc16 + wino_per_thread (&wi)
-                                                * omp_get_max_threads ());
-  u = xp + n * xps;
-  pad_input (c, x->data, n, xp);
+  /* Workspace: the padded input [N,Ci,Hp,Wp] (Winograd's padding), the
+   * kernel's transform, then the threads' scratch. */
+  wino_init (&wi, c->ci, c->co, c->h, c->w, 0);
+  xp = df_graph_workspace (g, n * wi.x_sample + cc16
+                              + wino_per_thread (&wi) * omp_get_max_threads ());
+  u = xp + n * wi.x_sample;
+  wino_pad (&wi, x->data, n, FALSE, xp);
   wino_weights (&wi, w->data, FALSE, u, u + cc16);
   wino_run (&wi, xp, n, u, b != NULL ? b->data : NULL, FALSE, y->data,
             u + cc16);
@@ -1106,12 +1239,13 @@ df_conv2d_scratch (int n, int ci, int co, int k, int s, int threads)
   /* The shifted backward: dY and x padded, a weight copy per run. */
   direct = (ci + co) * (double) n * plane
            + (double) ci * co * k * k * ceil ((double) n / CONV_DW_SAMPLES);
-  if (k != 3 || s % 2 != 0 || s < 14)
+  if (k != 3 || s < 7)
     return direct;
 
   /* Winograd: see conv2d_forward_winograd and conv2d_backward_winograd. */
-  wino_init (&wi, ci, co, s, s, 0, 0, 0, 0);
-  wino_init (&wx, co, ci, s, s, 0, 0, 0, 0);
+  wino_init (&wi, ci, co, s, s, 0);
+  wino_init (&wx, co, ci, s, s, n);
+  plane = wi.plane;
   fwd = (double) n * ci * plane + 16.0 * co * ci
         + (double) wino_per_thread (&wi) * threads;
   bwd = (ci + co) * (double) n * plane

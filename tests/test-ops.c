@@ -235,6 +235,10 @@ static const ConvConf conv_confs[] = {
   { 1, 2, 34, 34, 2, 3, 1, 1, 1, TRUE }, /* Winograd, a shorter last band */
   { 1, 1, 66, 16, 2, 3, 1, 1, 1, TRUE }, /* Winograd, h != w, two bands */
   { 19, 1, 14, 14, 2, 3, 1, 1, 1, TRUE },/* Winograd dW in three runs */
+  { 2, 3, 7, 7, 4, 3, 1, 1, 1, TRUE },   /* Winograd, odd: tiles cropped */
+  { 1, 2, 9, 8, 3, 3, 1, 1, 1, FALSE },  /* Winograd, odd h, even w */
+  { 2, 2, 8, 11, 3, 3, 1, 1, 1, TRUE },  /* Winograd, even h, odd w */
+  { 19, 2, 7, 7, 3, 3, 1, 1, 1, TRUE },  /* Winograd dW, samples grouped */
 };
 
 static void
@@ -257,7 +261,7 @@ static gboolean
 conv_is_winograd (const ConvConf *f)
 {
   return f->k == 3 && f->stride == 1 && f->pl == 1 && f->ph == 1
-         && f->h % 2 == 0 && f->w % 2 == 0 && f->w >= 14;
+         && f->w >= 7;
 }
 
 /* The GEMMs of a Winograd forward: 16 a unit, each [Co,Ci] x [Ci,tiles],
@@ -277,7 +281,8 @@ check_winograd_gemms (const ConvConf *f, GArray *calls)
       g_assert_cmpint (c->K, ==, f->ci);
       tiles += c->N;
     }
-  g_assert_cmpint (tiles, ==, (gsize) 16 * f->n * (f->h / 2) * (f->w / 2));
+  g_assert_cmpint (tiles, ==,
+                   (gsize) 16 * f->n * ((f->h + 1) / 2) * ((f->w + 1) / 2));
 }
 
 static void
