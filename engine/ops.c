@@ -433,9 +433,8 @@ typedef struct {
   int    th, tw;              /* tile rows and columns: h / 2, w / 2 rounded up */
   int    band, n_bands;       /* tile rows per unit, units per sample */
   int    dw_group;            /* samples side by side in a dW GEMM */
-  gsize  hp, wp;              /* padded input: 2 th + 2 rows of 2 tw + 2 */
-  gsize  plane;               /* hp wp */
-  gsize  x_sample, x_chan;    /* padded input strides */
+  gsize  wp;                  /* padded row: 2 tw + 2 (2 th + 2 rows) */
+  gsize  x_sample, x_chan;    /* input strides */
   gsize  y_sample, y_chan;    /* output strides (dY's, for dW) */
 } Wino;
 
@@ -446,11 +445,11 @@ conv_winograd (const ConvGeom *c, int pad_hi)
          && pad_hi == 1 && c->w >= 7;
 }
 
-/* A "same" 3x3 convolution ci -> co on h x w planes: its padded input is
- * [N,Ci,Hp,Wp], or [Ci,N,Hp,Wp] when chan_major_n (N) is not 0; its output
- * [N,Co,H,W]. */
+/* A "same" 3x3 convolution ci -> co of an input [N,Ci,H,W] into an output
+ * [N,Co,H,W].  Its patches read the input as if padded by one zero before
+ * and one or two after (2 th + 2 rows of 2 tw + 2), a row at a time. */
 static void
-wino_init (Wino *wi, int ci, int co, int h, int w, int chan_major_n)
+wino_init (Wino *wi, int ci, int co, int h, int w)
 {
   int tiles;
 
@@ -471,32 +470,21 @@ wino_init (Wino *wi, int ci, int co, int h, int w, int chan_major_n)
     while (wi->dw_group < WINO_DW_SAMPLES
            && 2 * wi->dw_group * tiles <= WINO_TILES)
       wi->dw_group *= 2;
-  wi->hp = (gsize) 2 * wi->th + 2;
   wi->wp = (gsize) 2 * wi->tw + 2;
-  wi->plane = wi->hp * wi->wp;
-  wi->x_sample = chan_major_n > 0 ? wi->plane : ci * wi->plane;
-  wi->x_chan = chan_major_n > 0 ? chan_major_n * wi->plane : wi->plane;
+  wi->x_sample = (gsize) ci * h * w;
+  wi->x_chan = (gsize) h * w;
   wi->y_sample = (gsize) co * h * w;
   wi->y_chan = (gsize) h * w;
 }
 
-/* The padded input of wi from src [N,ch,H,W] (ch: wi's ci), laid out as
- * wino_init was told. */
-static void
-wino_pad (const Wino *wi, const float *src, int n, gboolean chan_major,
-          float *dst)
-{
-  pad_planes (src, n, wi->ci, wi->h, wi->w, wi->hp, wi->wp, 1, chan_major,
-              dst);
-}
-
-/* Floats of wino_input's column transforms: 8 runs of (band + 1) tw, the
- * even and odd padded rows of a band by 4 column combinations
- * (wino_output and wino_dy use 4 runs of a band's tiles, fewer). */
+/* Floats of wino_input's scratch: its column transforms, 8 runs of (band
+ * + 1) tw (the even and odd padded rows of a band by 4 column
+ * combinations), and a padded row (wino_output and wino_dy use 4 runs of
+ * a band's tiles, fewer). */
 static gsize
 wino_rows (const Wino *wi)
 {
-  return (gsize) 8 * (wi->band + 1) * wi->tw;
+  return (gsize) 8 * (wi->band + 1) * wi->tw + wi->wp;
 }
 
 /* Floats of a thread's scratch for units of T tiles: V [16][Ci,T] and M
@@ -575,37 +563,44 @@ wino_weights (const Wino *wi, const float *w, gboolean flip, float *u,
 }
 
 /* V[k][c, t0 + t] = (B^T d B)[k] for channels [c0, c1) and the tiles t of
- * tile rows [a0, a1), d the 4x4 patch of the padded input xs (one sample)
- * at tile t; V's rows are T floats long.  Columns first: each padded row's
- * 4 column combinations of every tile, into ct [2][4][band + 1][tw] by
- * even and odd rows; a patch's rows are then rows a and a + 1 of the even
- * and odd ones, so each of the 16 results is a difference of two runs of
- * ct, tw floats apart, over all the band's tiles at once (runs that
- * vectorise even at 4 tiles a row).  ct: wino_rows floats. */
+ * tile rows [a0, a1), d the 4x4 patch at tile t of the input xs (one
+ * sample) padded; V's rows are T floats long.  Columns first: each padded
+ * row's 4 column combinations of every tile (a row copied between zeros
+ * first), into ct [2][4][band + 1][tw] by even and odd rows; a patch's
+ * rows are then rows a and a + 1 of the even and odd ones, so each of the
+ * 16 results is a difference of two runs of ct, tw floats apart, over all
+ * the band's tiles at once (runs that vectorise even at 4 tiles a row).
+ * ct: wino_rows floats. */
 static void
 wino_input (const Wino *wi, const float *restrict xs, int c0, int c1, int a0,
             int a1, gsize T, gsize t0, float *restrict v,
             float *restrict ct)
 {
-  int tw = wi->tw, nb = a1 - a0;
-  gsize wp = wi->wp, tb = (gsize) nb * tw, run = (gsize) (nb + 1) * tw;
+  int tw = wi->tw, w = wi->w, nb = a1 - a0;
+  gsize tb = (gsize) nb * tw, run = (gsize) (nb + 1) * tw;
   gsize kc = (gsize) wi->ci * T;
+  float *restrict xr = ct + 8 * run;
 
+  memset (xr, 0, wi->wp * sizeof (float));
   for (int c = c0; c < c1; c++)
     {
-      const float *x0 = xs + c * wi->x_chan + (gsize) 2 * a0 * wp;
+      const float *x0 = xs + c * wi->x_chan;
       float *restrict vc = v + (gsize) c * T + t0;
 
       /* Column combinations (x0 - x2, x1 + x2, x2 - x1, x1 - x3) of the
-       * padded rows 2 a0 .. 2 a1 + 1. */
+       * padded rows 2 a0 .. 2 a1 + 1, input rows 2 a0 - 1 .. 2 a1. */
       for (int r = 0; r < 2 * (nb + 1); r++)
         {
-          const float *restrict xr = x0 + (gsize) r * wp;
+          int y = 2 * a0 + r - 1;
           float *restrict e0 = ct + (gsize) (r % 2) * 4 * run
                                + (gsize) (r / 2) * tw;
           float *restrict e1 = e0 + run, *restrict e2 = e1 + run;
           float *restrict e3 = e2 + run;
 
+          if (y >= 0 && y < wi->h)
+            memcpy (xr + 1, x0 + (gsize) y * w, w * sizeof (float));
+          else
+            memset (xr + 1, 0, w * sizeof (float));
           for (int b = 0; b < tw; b++)
             {
               float p = xr[2 * b], q = xr[2 * b + 1];
@@ -728,7 +723,7 @@ wino_gemms (const Wino *wi, const float *u, const float *v, int T, int k0,
               m + (gsize) k * wi->co * T, T);
 }
 
-/* y (+)= the convolution of the padded input xp by the kernel whose
+/* y (+)= the convolution of the input x by the kernel whose
  * transform is u, for n samples; work: threads x wino_per_thread floats.
  * A unit is (sample, band); with fewer units than threads (one sample at
  * the UNet's sizes) each unit's input transform, GEMMs and output
@@ -736,7 +731,7 @@ wino_gemms (const Wino *wi, const float *u, const float *v, int T, int k0,
  * thread's V and M: the same arithmetic in the same order either way, so
  * the same bits. */
 static void
-wino_run (const Wino *wi, const float *xp, int n, const float *u,
+wino_run (const Wino *wi, const float *x, int n, const float *u,
           const float *bias, gboolean add, float *y, float *work)
 {
   gsize per_thread = wino_per_thread (wi);
@@ -753,7 +748,7 @@ wino_run (const Wino *wi, const float *xp, int n, const float *u,
           float *v = work + per_thread * omp_get_thread_num ();
           float *m = v + (gsize) 16 * wi->ci * T;
 
-          wino_input (wi, xp + s * wi->x_sample, 0, wi->ci, a0, a1, T, 0, v,
+          wino_input (wi, x + s * wi->x_sample, 0, wi->ci, a0, a1, T, 0, v,
                       v + rows_at);
           wino_gemms (wi, u, v, T, 0, 16, m);
           wino_output (wi, m, T, 0, 0, wi->co, a0, a1, bias, add,
@@ -770,7 +765,7 @@ wino_run (const Wino *wi, const float *xp, int n, const float *u,
 
 #pragma omp parallel for schedule(static)
       for (int c = 0; c < wi->ci; c++)
-        wino_input (wi, xp + s * wi->x_sample, c, c + 1, a0, a1, T, 0, v,
+        wino_input (wi, x + s * wi->x_sample, c, c + 1, a0, a1, T, 0, v,
                     work + per_thread * omp_get_thread_num () + rows_at);
 #pragma omp parallel for schedule(static)
       for (int k = 0; k < 16; k++)
@@ -891,15 +886,15 @@ wino_dy (const Wino *wi, const float *restrict dys, int a0, int a1, gsize T,
 
 /* dU[k][o, c] = sum over tiles t of (A dY_o A^T)[k] at t times V[k][c, t]:
  * the gradient of the forward's U = G g G^T, 16 GEMMs a (group of
- * samples, band) of K = their tiles; then dg = G^T dU G.  xp is the
- * padded input and dy [N,Co,H,W] the output gradient, at wi's strides (Ci
+ * samples, band) of K = their tiles; then dg = G^T dU G.  x is the
+ * input and dy [N,Co,H,W] the output gradient, at wi's strides (Ci
  * in, Co out).  A unit is a run of WINO_DW_SAMPLES samples, done band by
  * band so that a band's V and E stay in cache, or wi->dw_group samples at
  * a time side by side when a sample is one band of few tiles; the runs'
  * partial dU are summed in order, so dW does not depend on the thread
  * count.  work: wino_dw_scratch floats for threads threads. */
 static void
-wino_weight_grad (const Wino *wi, const float *xp, const float *dy, int n,
+wino_weight_grad (const Wino *wi, const float *x, const float *dy, int n,
                   float *dw, float *work, int threads)
 {
   int ci = wi->ci, co = wi->co, tw = wi->tw;
@@ -926,7 +921,7 @@ wino_weight_grad (const Wino *wi, const float *xp, const float *dy, int n,
 
             for (int s = sg; s < sg1; s++)
               {
-                wino_input (wi, xp + s * wi->x_sample, 0, ci, a0, a1, T,
+                wino_input (wi, x + s * wi->x_sample, 0, ci, a0, a1, T,
                             (s - sg) * tb, v, v + rows_at);
                 wino_dy (wi, dy + s * wi->y_sample, a0, a1, T, (s - sg) * tb,
                          e, v + rows_at);
@@ -1133,11 +1128,9 @@ conv2d_backward_shifted (DfGraph *g, DfRecord *r, const ConvGeom *c)
 }
 
 /* The backward of a "same" 3x3 convolution in Winograd form (see
- * conv_winograd): dW by wino_weight_grad from the padded input, dx as the
- * transposed convolution's forward from dY padded channel-major [Co,N,Hp,
- * Wp], by the flipped kernel, added into dx.  The two share one scratch,
- * one after the other; both paddings are Winograd's (wino_init), not the
- * convolution's. */
+ * conv_winograd): dW by wino_weight_grad from x and dY, dx as the
+ * transposed convolution's forward of dY by the flipped kernel, added into
+ * dx.  The two share one scratch, one after the other. */
 static void
 conv2d_backward_winograd (DfGraph *g, DfRecord *r, const ConvGeom *c)
 {
@@ -1147,39 +1140,24 @@ conv2d_backward_winograd (DfGraph *g, DfRecord *r, const ConvGeom *c)
   const float *dy = r->out->grad;                /* [N,Co,H,W] */
   int n = x->shape[0], threads = omp_get_max_threads ();
   gsize cc16 = (gsize) 16 * c->co * c->ci, dw_need = 0, dx_need = 0;
-  gsize plane;
-  float *work, *xp, *dyp, *scratch;
+  float *work;
   Wino ww, wx;
 
-  /* dW: Ci in, Co out, from xp [N,Ci,Hp,Wp] and dY [N,Co,H,W]; dx: Co in,
-   * Ci out, from dyp [Co,N,Hp,Wp] into dx [N,Ci,H,W]. */
-  wino_init (&ww, c->ci, c->co, c->h, c->w, 0);
-  wino_init (&wx, c->co, c->ci, c->h, c->w, n);
-  plane = ww.plane;
+  /* dW: Ci in, Co out; dx: Co in, Ci out. */
+  wino_init (&ww, c->ci, c->co, c->h, c->w);
+  wino_init (&wx, c->co, c->ci, c->h, c->w);
   if (dw != NULL)
     dw_need = wino_dw_scratch (&ww, n, threads);
   if (dx != NULL)
     dx_need = cc16 + wino_per_thread (&wx) * threads;
-
-  /* Workspace: xp (dW), dyp (dx), then the scratch of one, then the
-   * other. */
-  work = df_graph_workspace (g, (dw != NULL ? (gsize) n * c->ci * plane : 0)
-                                + (dx != NULL ? (gsize) n * c->co * plane : 0)
-                                + MAX (dw_need, dx_need));
-  xp = work;
-  dyp = xp + (dw != NULL ? (gsize) n * c->ci * plane : 0);
-  scratch = dyp + (dx != NULL ? (gsize) n * c->co * plane : 0);
+  work = df_graph_workspace (g, MAX (dw_need, dx_need));
 
   if (dw != NULL)
-    {
-      wino_pad (&ww, x->data, n, FALSE, xp);
-      wino_weight_grad (&ww, xp, dy, n, dw, scratch, threads);
-    }
+    wino_weight_grad (&ww, x->data, dy, n, dw, work, threads);
   if (dx != NULL)
     {
-      wino_pad (&wx, dy, n, TRUE, dyp);
-      wino_weights (&wx, w->data, TRUE, scratch, scratch + cc16);
-      wino_run (&wx, dyp, n, scratch, NULL, TRUE, dx, scratch + cc16);
+      wino_weights (&wx, w->data, TRUE, work, work + cc16);
+      wino_run (&wx, dy, n, work, NULL, TRUE, dx, work + cc16);
     }
 }
 
@@ -1215,43 +1193,36 @@ conv2d_forward_winograd (DfGraph *g, const ConvGeom *c, const DfTensor *x,
 {
   int n = x->shape[0];
   gsize cc16 = (gsize) 16 * c->co * c->ci;
-  float *xp, *u;
+  float *u;
   Wino wi;
 
-  /* Workspace: the padded input [N,Ci,Hp,Wp] (Winograd's padding), the
-   * kernel's transform, then the threads' scratch. */
-  wino_init (&wi, c->ci, c->co, c->h, c->w, 0);
-  xp = df_graph_workspace (g, n * wi.x_sample + cc16
-                              + wino_per_thread (&wi) * omp_get_max_threads ());
-  u = xp + n * wi.x_sample;
-  wino_pad (&wi, x->data, n, FALSE, xp);
+  /* Workspace: the kernel's transform, then the threads' scratch. */
+  wino_init (&wi, c->ci, c->co, c->h, c->w);
+  u = df_graph_workspace (g, cc16 + wino_per_thread (&wi)
+                                    * omp_get_max_threads ());
   wino_weights (&wi, w->data, FALSE, u, u + cc16);
-  wino_run (&wi, xp, n, u, b != NULL ? b->data : NULL, FALSE, y->data,
+  wino_run (&wi, x->data, n, u, b != NULL ? b->data : NULL, FALSE, y->data,
             u + cc16);
 }
 
 double
 df_conv2d_scratch (int n, int ci, int co, int k, int s, int threads)
 {
-  double plane = (s + 2.0) * (s + 2.0), direct, fwd, bwd;
+  double plane = (s + 2.0) * (s + 2.0), fwd, bwd;
   Wino wi, wx;
 
   /* The shifted backward: dY and x padded, a weight copy per run. */
-  direct = (ci + co) * (double) n * plane
-           + (double) ci * co * k * k * ceil ((double) n / CONV_DW_SAMPLES);
   if (k != 3 || s < 7)
-    return direct;
+    return (ci + co) * (double) n * plane
+           + (double) ci * co * k * k * ceil ((double) n / CONV_DW_SAMPLES);
 
   /* Winograd: see conv2d_forward_winograd and conv2d_backward_winograd. */
-  wino_init (&wi, ci, co, s, s, 0);
-  wino_init (&wx, co, ci, s, s, n);
-  plane = wi.plane;
-  fwd = (double) n * ci * plane + 16.0 * co * ci
-        + (double) wino_per_thread (&wi) * threads;
-  bwd = (ci + co) * (double) n * plane
-        + MAX ((double) wino_dw_scratch (&wi, n, threads),
-               16.0 * co * ci + (double) wino_per_thread (&wx) * threads);
-  return MAX (direct, MAX (fwd, bwd));
+  wino_init (&wi, ci, co, s, s);
+  wino_init (&wx, co, ci, s, s);
+  fwd = 16.0 * co * ci + (double) wino_per_thread (&wi) * threads;
+  bwd = MAX ((double) wino_dw_scratch (&wi, n, threads),
+             16.0 * co * ci + (double) wino_per_thread (&wx) * threads);
+  return MAX (fwd, bwd);
 }
 
 DfTensor *
