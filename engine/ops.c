@@ -433,7 +433,6 @@ typedef struct {
   int    th, tw;              /* tile rows and columns: h / 2, w / 2 rounded up */
   int    band, n_bands;       /* tile rows per unit, units per sample */
   int    dw_group;            /* samples side by side in a dW GEMM */
-  gsize  wp;                  /* padded row: 2 tw + 2 (2 th + 2 rows) */
   gsize  x_sample, x_chan;    /* input strides */
   gsize  y_sample, y_chan;    /* output strides (dY's, for dW) */
 } Wino;
@@ -470,21 +469,19 @@ wino_init (Wino *wi, int ci, int co, int h, int w)
     while (wi->dw_group < WINO_DW_SAMPLES
            && 2 * wi->dw_group * tiles <= WINO_TILES)
       wi->dw_group *= 2;
-  wi->wp = (gsize) 2 * wi->tw + 2;
   wi->x_sample = (gsize) ci * h * w;
   wi->x_chan = (gsize) h * w;
   wi->y_sample = (gsize) co * h * w;
   wi->y_chan = (gsize) h * w;
 }
 
-/* Floats of wino_input's scratch: its column transforms, 8 runs of (band
- * + 1) tw (the even and odd padded rows of a band by 4 column
- * combinations), and a padded row (wino_output and wino_dy use 4 runs of
- * a band's tiles, fewer). */
+/* Floats of wino_input's column transforms: 8 runs of (band + 1) tw, the
+ * even and odd padded rows of a band by 4 column combinations
+ * (wino_output and wino_dy use 4 runs of a band's tiles, fewer). */
 static gsize
 wino_rows (const Wino *wi)
 {
-  return (gsize) 8 * (wi->band + 1) * wi->tw + wi->wp;
+  return (gsize) 8 * (wi->band + 1) * wi->tw;
 }
 
 /* Floats of a thread's scratch for units of T tiles: V [16][Ci,T] and M
@@ -565,8 +562,8 @@ wino_weights (const Wino *wi, const float *w, gboolean flip, float *u,
 /* V[k][c, t0 + t] = (B^T d B)[k] for channels [c0, c1) and the tiles t of
  * tile rows [a0, a1), d the 4x4 patch at tile t of the input xs (one
  * sample) padded; V's rows are T floats long.  Columns first: each padded
- * row's 4 column combinations of every tile (a row copied between zeros
- * first), into ct [2][4][band + 1][tw] by even and odd rows; a patch's
+ * row's 4 column combinations of every tile, into ct [2][4][band + 1][tw]
+ * by even and odd rows; a patch's
  * rows are then rows a and a + 1 of the even and odd ones, so each of the
  * 16 results is a difference of two runs of ct, tw floats apart, over all
  * the band's tiles at once (runs that vectorise even at 4 tiles a row).
@@ -579,38 +576,54 @@ wino_input (const Wino *wi, const float *restrict xs, int c0, int c1, int a0,
   int tw = wi->tw, w = wi->w, nb = a1 - a0;
   gsize tb = (gsize) nb * tw, run = (gsize) (nb + 1) * tw;
   gsize kc = (gsize) wi->ci * T;
-  float *restrict xr = ct + 8 * run;
 
-  memset (xr, 0, wi->wp * sizeof (float));
   for (int c = c0; c < c1; c++)
     {
       const float *x0 = xs + c * wi->x_chan;
       float *restrict vc = v + (gsize) c * T + t0;
 
-      /* Column combinations (x0 - x2, x1 + x2, x2 - x1, x1 - x3) of the
-       * padded rows 2 a0 .. 2 a1 + 1, input rows 2 a0 - 1 .. 2 a1. */
+      /* Column combinations (p - u, q + u, u - q, q - z) of each patch
+       * row (p, q, u, z) of the padded rows 2 a0 .. 2 a1 + 1, input rows
+       * y = 2 a0 - 1 .. 2 a1: a tile b's row is input columns 2b - 1 ..
+       * 2b + 2, inside the row but for the first tile's p and the last
+       * one's z (and u, for odd w), which are padding. */
       for (int r = 0; r < 2 * (nb + 1); r++)
         {
-          int y = 2 * a0 + r - 1;
+          int y = 2 * a0 + r - 1, last = tw - 1;
+          const float *restrict xr = x0 + (gsize) y * w;
           float *restrict e0 = ct + (gsize) (r % 2) * 4 * run
                                + (gsize) (r / 2) * tw;
           float *restrict e1 = e0 + run, *restrict e2 = e1 + run;
           float *restrict e3 = e2 + run;
+          float p, q, u;
 
-          if (y >= 0 && y < wi->h)
-            memcpy (xr + 1, x0 + (gsize) y * w, w * sizeof (float));
-          else
-            memset (xr + 1, 0, w * sizeof (float));
-          for (int b = 0; b < tw; b++)
+          if (y < 0 || y >= wi->h)
             {
-              float p = xr[2 * b], q = xr[2 * b + 1];
-              float u = xr[2 * b + 2], z = xr[2 * b + 3];
-
+              for (int b = 0; b < tw; b++)
+                e0[b] = e1[b] = e2[b] = e3[b] = 0.0f;
+              continue;
+            }
+          e0[0] = -xr[1];
+          e1[0] = xr[0] + xr[1];
+          e2[0] = xr[1] - xr[0];
+          e3[0] = xr[0] - xr[2];
+          for (int b = 1; b < last; b++)
+            {
+              p = xr[2 * b - 1];
+              q = xr[2 * b];
+              u = xr[2 * b + 1];
               e0[b] = p - u;
               e1[b] = q + u;
               e2[b] = u - q;
-              e3[b] = q - z;
+              e3[b] = q - xr[2 * b + 2];
             }
+          p = xr[2 * last - 1];
+          q = xr[2 * last];
+          u = 2 * last + 1 < w ? xr[2 * last + 1] : 0.0f;
+          e0[last] = p - u;
+          e1[last] = q + u;
+          e2[last] = u - q;
+          e3[last] = q;
         }
 
       /* Row combinations (r0 - r2, r1 + r2, r2 - r1, r1 - r3). */
