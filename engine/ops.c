@@ -43,6 +43,35 @@ blas_serial (void)
     }
 }
 
+/* ---- sums ---- */
+
+/* Sums in double over 8 interleaved accumulators, added up in a fixed
+ * order: a single double accumulator is a chain of dependent adds, 8 floats
+ * a cycle slower than the vector units; the order depends on n only. */
+#define SUM_LANES 8
+
+static double
+lanes_total (const double *acc)
+{
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3]))
+         + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* sum of a[i] */
+static double
+sum_f (const float *a, gsize n)
+{
+  double acc[SUM_LANES] = { 0 };
+  gsize i = 0;
+
+  for (; i + SUM_LANES <= n; i += SUM_LANES)
+    for (int l = 0; l < SUM_LANES; l++)
+      acc[l] += a[i + l];
+  for (; i < n; i++)
+    acc[i % SUM_LANES] += a[i];
+  return lanes_total (acc);
+}
+
 /* ---- conv2d ---- */
 
 typedef struct {
@@ -207,12 +236,7 @@ conv_bias_grad (const float *dy, int n, int co, gsize p, float *db)
       double sum = 0;
 
       for (int s = 0; s < n; s++)
-        {
-          const float *d = dy + ((gsize) s * co + o) * p;
-
-          for (gsize q = 0; q < p; q++)
-            sum += d[q];
-        }
+        sum += sum_f (dy + ((gsize) s * co + o) * p, p);
       db[o] += (float) sum;
     }
 }
@@ -1342,33 +1366,6 @@ record:
 
 /* ---- group norm ---- */
 
-/* Sums in double over 8 interleaved accumulators, added up in a fixed
- * order: a single double accumulator is a chain of dependent adds, 8 floats
- * a cycle slower than the vector units; the order depends on n only. */
-#define SUM_LANES 8
-
-static double
-lanes_total (const double *acc)
-{
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3]))
-         + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-
-/* sum of a[i] */
-static double
-sum_f (const float *a, gsize n)
-{
-  double acc[SUM_LANES] = { 0 };
-  gsize i = 0;
-
-  for (; i + SUM_LANES <= n; i += SUM_LANES)
-    for (int l = 0; l < SUM_LANES; l++)
-      acc[l] += a[i + l];
-  for (; i < n; i++)
-    acc[i % SUM_LANES] += a[i];
-  return lanes_total (acc);
-}
-
 /* sum of (a[i] - m)^2 */
 static double
 sum_sq_dev (const float *a, gsize n, double m)
@@ -1415,12 +1412,28 @@ sum_d_dx (const float *d, const float *x, gsize n, double m, double *sd,
   *sdx = lanes_total (a2);
 }
 
-/* Saved per (n, group): mean and 1 / sqrt (var + eps), in double. */
+/* The norm's y = x a + b for channel c of a group: a = rstd gamma, b =
+ * beta - mean a, in float. */
+static void
+group_norm_coef (const float *gamma, const float *beta, int c, double mean,
+                 double rstd, float *a, float *b)
+{
+  double gc = gamma != NULL ? gamma[c] : 1.0;
+  double bc = beta != NULL ? beta[c] : 0.0;
+
+  *a = (float) (rstd * gc);
+  *b = (float) (bc - mean * rstd * gc);
+}
+
+/* Saved per (n, group): mean and 1 / sqrt (var + eps), in double.  iarg[1]:
+ * SiLU follows (df_group_norm_silu), whose gradient dh = dy silu' (h) at the
+ * norm's output h, recomputed from x, goes to the thread's scratch first. */
 static void
 group_norm_backward (DfGraph *g, DfRecord *r)
 {
   DfTensor *x = r->in[0];
   const float *gamma = r->in[1] != NULL ? r->in[1]->data : NULL;
+  const float *beta = r->in[2] != NULL ? r->in[2]->data : NULL;
   float *dx = df_grad_or_null (x);
   float *dgamma = df_grad_or_null (r->in[1]);
   float *dbeta = df_grad_or_null (r->in[2]);
@@ -1428,62 +1441,79 @@ group_norm_backward (DfGraph *g, DfRecord *r)
   const double *stat = r->saved;                 /* [N,G,2] */
   int n = x->shape[0], ch = x->shape[1], groups = r->iarg[0];
   int cpg = ch / groups;
+  gboolean silu = r->iarg[1];
   gsize s = x->size / ((gsize) n * ch);
   gsize m = (gsize) cpg * s;
   double *csum;                                  /* [N,C,2] */
+  float *scratch;                                /* [threads][m] */
 
-  /* One pass: per (n, c), sum dy and sum dy xhat (xhat's rstd taken out).
-   * They give both dgamma, dbeta (sums over n in sample order) and the
-   * group means dx needs. */
-  csum = (double *) df_graph_workspace (g, 4 * (gsize) n * ch);
+  csum = (double *) df_graph_workspace (g, 4 * (gsize) n * ch
+                                           + (silu ? m * omp_get_max_threads ()
+                                                   : 0));
+  scratch = (float *) (csum + 2 * (gsize) n * ch);
+
+  /* A unit is (n, group): per channel, sum dh and sum dh xhat (xhat's rstd
+   * taken out), which give dgamma, dbeta (summed over n in sample order
+   * below) and the group means dx needs; then
+   * dx = rstd (g dh - mean (g dh) - xhat mean (g dh xhat)). */
 #pragma omp parallel for schedule(static) if (x->size > DF_PAR_MIN)
-  for (int nc = 0; nc < n * ch; nc++)
+  for (int ng = 0; ng < n * groups; ng++)
     {
-      int ng = (nc / ch) * groups + (nc % ch) / cpg;
-      double sd, sdx;
+      gsize base = (gsize) ng * m;
+      double mean = stat[2 * ng], rstd = stat[2 * ng + 1];
+      double sum1 = 0, sum2 = 0, k1, k2;
+      int c0 = (ng % groups) * cpg, nc0 = (ng / groups) * ch + c0;
+      const float *xg = x->data + base, *dh = dy + base;
 
-      sum_d_dx (dy + (gsize) nc * s, x->data + (gsize) nc * s, s,
-                stat[2 * ng], &sd, &sdx);
-      csum[2 * nc] = sd;
-      csum[2 * nc + 1] = sdx * stat[2 * ng + 1];
-    }
-
-  /* dx = rstd (g dy - mean (g dy) - xhat mean (g dy xhat)) per (n, group) */
-  if (dx != NULL)
-    {
-#pragma omp parallel for schedule(static) if (x->size > DF_PAR_MIN)
-      for (int ng = 0; ng < n * groups; ng++)
+      if (silu)
         {
-          gsize base = (gsize) ng * m;
-          double mean = stat[2 * ng], rstd = stat[2 * ng + 1];
-          double sum1 = 0, sum2 = 0, k1, k2;
-          int c0 = (ng % groups) * cpg, nc0 = (ng / groups) * ch + c0;
+          float *d = scratch + m * omp_get_thread_num ();
 
           for (int c = 0; c < cpg; c++)
             {
-              double gc = gamma != NULL ? gamma[c0 + c] : 1.0;
+              float a, b;
 
-              sum1 += gc * csum[2 * (nc0 + c)];
-              sum2 += gc * csum[2 * (nc0 + c) + 1];
+              group_norm_coef (gamma, beta, c0 + c, mean, rstd, &a, &b);
+              for (gsize q = c * s; q < (c + 1) * s; q++)
+                d[q] = dh[q] * df_silu_slope (xg[q] * a + b);
             }
-          k1 = sum1 / m;
-          k2 = sum2 / m;
+          dh = d;
+        }
 
-          /* dx = (rstd g) dy + a (x - mean) + b per channel, in float so
-           * that it vectorises (x - mean first: no cancellation when the
-           * mean is large) */
-          for (int c = 0; c < cpg; c++)
-            {
-              double gc = gamma != NULL ? gamma[c0 + c] : 1.0;
-              float ga = (float) (rstd * gc), mf = (float) mean;
-              float a = (float) (-rstd * rstd * k2), b = (float) (-rstd * k1);
-              const float *xc = x->data + base + c * s;
-              const float *dc = dy + base + c * s;
-              float *dxc = dx + base + c * s;
+      for (int c = 0; c < cpg; c++)
+        {
+          double sd, sdx;
 
-              for (gsize q = 0; q < s; q++)
-                dxc[q] += ga * dc[q] + (a * (xc[q] - mf) + b);
-            }
+          sum_d_dx (dh + c * s, xg + c * s, s, mean, &sd, &sdx);
+          csum[2 * (nc0 + c)] = sd;
+          csum[2 * (nc0 + c) + 1] = sdx * rstd;
+        }
+      if (dx == NULL)
+        continue;
+
+      for (int c = 0; c < cpg; c++)
+        {
+          double gc = gamma != NULL ? gamma[c0 + c] : 1.0;
+
+          sum1 += gc * csum[2 * (nc0 + c)];
+          sum2 += gc * csum[2 * (nc0 + c) + 1];
+        }
+      k1 = sum1 / m;
+      k2 = sum2 / m;
+
+      /* dx = (rstd g) dh + a (x - mean) + b per channel, in float so that
+       * it vectorises (x - mean first: no cancellation when the mean is
+       * large) */
+      for (int c = 0; c < cpg; c++)
+        {
+          double gc = gamma != NULL ? gamma[c0 + c] : 1.0;
+          float ga = (float) (rstd * gc), mf = (float) mean;
+          float a = (float) (-rstd * rstd * k2), b = (float) (-rstd * k1);
+          const float *xc = xg + c * s, *dc = dh + c * s;
+          float *dxc = dx + base + c * s;
+
+          for (gsize q = 0; q < s; q++)
+            dxc[q] += ga * dc[q] + (a * (xc[q] - mf) + b);
         }
     }
 
@@ -1505,9 +1535,9 @@ group_norm_backward (DfGraph *g, DfRecord *r)
       }
 }
 
-DfTensor *
-df_group_norm (DfGraph *g, DfTensor *x, DfTensor *gamma, DfTensor *beta,
-               int groups, float eps)
+static DfTensor *
+group_norm (DfGraph *g, DfTensor *x, DfTensor *gamma, DfTensor *beta,
+            int groups, float eps, gboolean silu)
 {
   DfTensor *y;
   gboolean want;
@@ -1532,7 +1562,7 @@ df_group_norm (DfGraph *g, DfTensor *x, DfTensor *gamma, DfTensor *beta,
               : (double *) df_graph_workspace (g, 4 * (gsize) n * groups);
 
   /* Per (n, group), contiguous [cpg,S]: two-pass mean and biased variance
-   * in double, then y = x a + b with a = rstd gamma, b = beta - mean a. */
+   * in double, then y = x a + b (group_norm_coef), through SiLU or not. */
 #pragma omp parallel for schedule(static)
   for (int ng = 0; ng < n * groups; ng++)
     {
@@ -1550,12 +1580,17 @@ df_group_norm (DfGraph *g, DfTensor *x, DfTensor *gamma, DfTensor *beta,
 
       for (int c = 0; c < cpg; c++)
         {
-          double gc = gamma != NULL ? gamma->data[c0 + c] : 1.0;
-          double bc = beta != NULL ? beta->data[c0 + c] : 0.0;
-          float a = (float) (rstd * gc), b = (float) (bc - mean * rstd * gc);
+          float a, b;
 
-          for (gsize q = 0; q < s; q++)
-            yg[c * s + q] = xg[c * s + q] * a + b;
+          group_norm_coef (gamma != NULL ? gamma->data : NULL,
+                           beta != NULL ? beta->data : NULL, c0 + c, mean,
+                           rstd, &a, &b);
+          if (silu)
+            for (gsize q = c * s; q < (c + 1) * s; q++)
+              yg[q] = df_silu_of (xg[q] * a + b);
+          else
+            for (gsize q = c * s; q < (c + 1) * s; q++)
+              yg[q] = xg[q] * a + b;
         }
     }
 
@@ -1567,9 +1602,24 @@ df_group_norm (DfGraph *g, DfTensor *x, DfTensor *gamma, DfTensor *beta,
       r->in[1] = gamma;
       r->in[2] = beta;
       r->iarg[0] = groups;
+      r->iarg[1] = silu;
       r->saved = stat;
     }
   return y;
+}
+
+DfTensor *
+df_group_norm (DfGraph *g, DfTensor *x, DfTensor *gamma, DfTensor *beta,
+               int groups, float eps)
+{
+  return group_norm (g, x, gamma, beta, groups, eps, FALSE);
+}
+
+DfTensor *
+df_group_norm_silu (DfGraph *g, DfTensor *x, DfTensor *gamma, DfTensor *beta,
+                    int groups, float eps)
+{
+  return group_norm (g, x, gamma, beta, groups, eps, TRUE);
 }
 
 /* ---- linear ---- */

@@ -80,6 +80,23 @@ df_expf (float x)
   return p * s;
 }
 
+/* SiLU x sigmoid (x) and its derivative s (1 + x (1 - s)), s = sigmoid (x):
+ * one definition for df_silu and df_group_norm_silu, so the two give the
+ * same bits. */
+static inline float
+df_silu_of (float x)
+{
+  return x / (1.0f + df_expf (-x));
+}
+
+static inline float
+df_silu_slope (float x)
+{
+  float s = 1.0f / (1.0f + df_expf (-x));
+
+  return s * (1.0f + x * (1.0f - s));
+}
+
 /* OpenMP only pays off past some work; results never depend on it. */
 #define DF_PAR_MIN 8192
 

@@ -474,14 +474,9 @@ silu_backward (DfGraph *g, DfRecord *r)
   float *dx = df_tensor_grad (r->in[0]);
   gsize n = r->out->size;
 
-  /* d/dx x s(x) = s (1 + x (1 - s)) */
 #pragma omp parallel for schedule(static) if (n > DF_PAR_MIN)
   for (gsize i = 0; i < n; i++)
-    {
-      float s = 1.0f / (1.0f + df_expf (-x[i]));
-
-      dx[i] += dy[i] * s * (1.0f + x[i] * (1.0f - s));
-    }
+    dx[i] += dy[i] * df_silu_slope (x[i]);
 }
 
 DfTensor *
@@ -494,7 +489,7 @@ df_silu (DfGraph *g, DfTensor *x)
   y = df_graph_tensor (g, x->ndim, x->shape);
 #pragma omp parallel for schedule(static) if (x->size > DF_PAR_MIN)
   for (gsize i = 0; i < x->size; i++)
-    y->data[i] = x->data[i] / (1.0f + df_expf (-x->data[i]));
+    y->data[i] = df_silu_of (x->data[i]);
 
   if (df_graph_wants (g, x, NULL, NULL, NULL))
     {

@@ -75,6 +75,10 @@ DfTensor  *df_conv2d        (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b,
 /* x [N,C,...] -> same; gamma, beta [C]. */
 DfTensor  *df_group_norm    (DfGraph *g, DfTensor *x, DfTensor *gamma,
                              DfTensor *beta, int groups, float eps);
+/* df_silu (g, df_group_norm (g, x, ...)) in one pass, forward and
+ * backward, without the norm's output in memory: the same values. */
+DfTensor  *df_group_norm_silu (DfGraph *g, DfTensor *x, DfTensor *gamma,
+                               DfTensor *beta, int groups, float eps);
 DfTensor  *df_silu          (DfGraph *g, DfTensor *x);
 /* x [..., I], w [O, I], b [O] or NULL -> y [..., O]. */
 DfTensor  *df_linear        (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b);

@@ -1355,13 +1355,13 @@ attn_p (int c)
 }
 
 /* Floats of the outputs a resnet records for one sample at hw pixels:
- * norm1 and silu (cin), conv1, + temb, norm2, silu, conv2, the shortcut,
+ * silu (norm1) (cin), conv1, + temb, silu (norm2), conv2, the shortcut,
  * the sum and its rescale (cout); attention: norm, tokens, q, k, v, the
  * attention, to_out, the image, the sum and its rescale. */
 static double
 resnet_f (int cin, int cout, double hw)
 {
-  return hw * (2.0 * cin + 8.0 * cout);
+  return hw * (cin + 7.0 * cout);
 }
 
 static double
@@ -1448,7 +1448,7 @@ df_train_memory_estimate (const DfUNetConfig *cfg, gboolean classifier,
   if (classifier)
     {
       p += 2.0 * out_ch + linear_p (out_ch, MAX (cfg->classifier_classes, 1));
-      f += 2 * hw * out_ch + out_ch;
+      f += hw * out_ch + out_ch;
     }
   else
     {
@@ -1484,7 +1484,7 @@ df_train_memory_estimate (const DfUNetConfig *cfg, gboolean classifier,
             }
         }
       p += 2.0 * boc[0] + conv_p (boc[0], cfg->out_channels, 3);
-      f += hw * (2.0 * boc[0] + cfg->out_channels);
+      f += hw * (boc[0] + cfg->out_channels);
       ws = MAX (ws, conv_ws (boc[0], cfg->out_channels, 3, s, b));
     }
 

@@ -988,15 +988,13 @@ resnet_forward (DfUNet *net, DfGraph *g, Resnet *r, DfTensor *x,
   DfTensor *h, *tp, *skip, *y;
 
   /* h = conv1 (silu (norm1 (x))) + time_emb_proj (silu (temb)) */
-  h = df_group_norm (g, x, r->norm1.w, r->norm1.b, groups, eps);
-  h = df_silu (g, h);
+  h = df_group_norm_silu (g, x, r->norm1.w, r->norm1.b, groups, eps);
   h = df_conv2d (g, h, r->conv1.w, r->conv1.b, 1, 1, 1);    /* [N,Co,H,W] */
   tp = df_linear (g, semb, r->time_emb_proj.w, r->time_emb_proj.b);
   h = df_add_channel (g, h, tp);
 
   /* h = conv2 (silu (norm2 (h))); dropout is 0 */
-  h = df_group_norm (g, h, r->norm2.w, r->norm2.b, groups, eps);
-  h = df_silu (g, h);
+  h = df_group_norm_silu (g, h, r->norm2.w, r->norm2.b, groups, eps);
   h = df_conv2d (g, h, r->conv2.w, r->conv2.b, 1, 1, 1);
 
   /* (shortcut (x) + h) / output_scale_factor */
@@ -1139,9 +1137,8 @@ df_unet_forward (DfUNet *net, DfGraph *g, DfTensor *x, const float *t,
   /* Classifier head: logits [N,K]. */
   if (net->classifier)
     {
-      h = df_group_norm (g, h, net->head_norm.w, net->head_norm.b,
-                         cfg->norm_num_groups, (float) cfg->norm_eps);
-      h = df_silu (g, h);
+      h = df_group_norm_silu (g, h, net->head_norm.w, net->head_norm.b,
+                              cfg->norm_num_groups, (float) cfg->norm_eps);
       h = df_mean_hw (g, h);                                  /* [N,C] */
       h = df_linear (g, h, net->head_linear.w, net->head_linear.b);
       if (stack != skips)
@@ -1172,9 +1169,8 @@ df_unet_forward (DfUNet *net, DfGraph *g, DfTensor *x, const float *t,
     g_free (stack);
 
   /* Output: conv_out (silu (conv_norm_out (h))): [N,Cout,H,W]. */
-  h = df_group_norm (g, h, net->conv_norm_out.w, net->conv_norm_out.b,
-                     cfg->norm_num_groups, (float) cfg->norm_eps);
-  h = df_silu (g, h);
+  h = df_group_norm_silu (g, h, net->conv_norm_out.w, net->conv_norm_out.b,
+                          cfg->norm_num_groups, (float) cfg->norm_eps);
   return df_conv2d (g, h, net->conv_out.w, net->conv_out.b, 1, 1, 1);
 }
 

@@ -239,6 +239,8 @@ static const ConvConf conv_confs[] = {
   { 1, 2, 9, 8, 3, 3, 1, 1, 1, FALSE },  /* Winograd, odd h, even w */
   { 2, 2, 8, 11, 3, 3, 1, 1, 1, TRUE },  /* Winograd, even h, odd w */
   { 19, 2, 7, 7, 3, 3, 1, 1, 1, TRUE },  /* Winograd dW, samples grouped */
+  { 2, 2, 6, 6, 3, 3, 1, 1, 1, TRUE },   /* rows under 7: direct 3x3 */
+  { 1, 2, 16, 16, 3, 5, 1, 2, 2, TRUE }, /* 5x5, wide rows: shifted form */
 };
 
 static void
@@ -384,6 +386,19 @@ build_group_norm (DfGraph *g, Case *c)
   return df_group_norm (g, c->t[0], c->t[1], c->t[2], c->groups, c->eps);
 }
 
+static DfTensor *
+build_group_norm_silu (DfGraph *g, Case *c)
+{
+  return df_group_norm_silu (g, c->t[0], c->t[1], c->t[2], c->groups,
+                             c->eps);
+}
+
+static DfTensor *
+build_group_norm_then_silu (DfGraph *g, Case *c)
+{
+  return df_silu (g, build_group_norm (g, c));
+}
+
 static void
 group_norm_case (Case *c, int n, int ch, int h, int w, int groups)
 {
@@ -428,6 +443,36 @@ test_group_norm_grad (void)
   assert_grad ("group norm 1 group", &c, build_group_norm);
   case_free (&c);
 }
+
+static void
+test_group_norm_silu_forward (void)
+{
+  DfGraph *g = df_graph_new (FALSE);
+  Case c;
+  double *ref;
+
+  group_norm_case (&c, 2, 6, 5, 3, 3);
+  ref = g_new (double, c.t[0]->size);
+  group_norm_ref (c.t[0], c.t[1], c.t[2], 3, 1e-5, ref);
+  for (gsize i = 0; i < c.t[0]->size; i++)
+    ref[i] = ref[i] / (1 + exp (-ref[i]));
+  assert_forward ("group norm + silu", build_group_norm_silu (g, &c), ref,
+                  FWD_TOL);
+  g_free (ref);
+  case_free (&c);
+  df_graph_free (g);
+}
+
+static void
+test_group_norm_silu_grad (void)
+{
+  Case c;
+
+  group_norm_case (&c, 2, 6, 3, 3, 3);
+  assert_grad ("group norm + silu", &c, build_group_norm_silu);
+  case_free (&c);
+}
+
 
 /* ---- linear ---- */
 
@@ -1129,7 +1174,7 @@ slice_sample (const DfTensor *t, int s)
 }
 
 /* The invariance cases are large enough that OpenMP and OpenBLAS split. */
-#define N_INV_CASES 12
+#define N_INV_CASES 14
 static void
 inv_cases (InvCase *cases, int *n)
 {
@@ -1186,6 +1231,18 @@ inv_cases (InvCase *cases, int *n)
   k->n_batched = 1;
 
   k = &cases[(*n)++];
+  k->name = "group norm + silu";
+  k->build = build_group_norm_silu;
+  group_norm_case (&k->c, 3, 32, 16, 16, 8);
+  k->n_batched = 1;
+
+  k = &cases[(*n)++];
+  k->name = "conv 5x5, shifted form";
+  k->build = build_conv;
+  conv_case (&k->c, &(ConvConf) { 3, 8, 16, 16, 12, 5, 1, 2, 2, TRUE });
+  k->n_batched = 1;
+
+  k = &cases[(*n)++];
   k->name = "linear [N,I]";
   k->build = build_linear;
   linear_case (&k->c, 2, 3, 1, 256, 300, TRUE);
@@ -1224,6 +1281,31 @@ random_seed (gsize n)
   for (gsize i = 0; i < n; i++)
     r[i] = (float) g_rand_double_range (rng, -1, 1);
   return r;
+}
+
+/* The fused op gives the bits of the two it replaces, forward and
+ * backward. */
+static void
+test_group_norm_silu_same (void)
+{
+  Case c;
+  DfGraph *probe = df_graph_new (FALSE);
+  InvResult fused, apart;
+  float *seed;
+
+  group_norm_case (&c, 3, 16, 7, 9, 4);
+  seed = random_seed (build_group_norm (probe, &c)->size);
+  df_graph_free (probe);
+  fused = inv_run (&c, build_group_norm_silu, 1, seed);
+  apart = inv_run (&c, build_group_norm_then_silu, 1, seed);
+  g_assert_cmpmem (fused.y, fused.ny * 4, apart.y, apart.ny * 4);
+  for (int t = 0; t < c.n_t; t++)
+    g_assert_cmpmem (fused.gx[t], c.t[t]->size * 4, apart.gx[t],
+                     c.t[t]->size * 4);
+  inv_free (&fused);
+  inv_free (&apart);
+  g_free (seed);
+  case_free (&c);
 }
 
 static void
@@ -1320,6 +1402,12 @@ main (int argc, char **argv)
   g_test_add_func ("/engine/ops/conv2d/grad", test_conv_grad);
   g_test_add_func ("/engine/ops/group-norm/forward", test_group_norm_forward);
   g_test_add_func ("/engine/ops/group-norm/grad", test_group_norm_grad);
+  g_test_add_func ("/engine/ops/group-norm/silu-forward",
+                   test_group_norm_silu_forward);
+  g_test_add_func ("/engine/ops/group-norm/silu-grad",
+                   test_group_norm_silu_grad);
+  g_test_add_func ("/engine/ops/group-norm/silu-same",
+                   test_group_norm_silu_same);
   g_test_add_func ("/engine/ops/linear/forward", test_linear_forward);
   g_test_add_func ("/engine/ops/linear/grad", test_linear_grad);
   g_test_add_func ("/engine/ops/attention/forward", test_attention_forward);
