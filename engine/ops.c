@@ -58,7 +58,7 @@ lanes_total (const double *acc)
 }
 
 /* sum of a[i] */
-static double
+DF_HOT static double
 sum_f (const float *a, gsize n)
 {
   double acc[SUM_LANES] = { 0 };
@@ -96,7 +96,7 @@ tap_range (int n, int out, int stride, int pad, int j, int *lo, int *hi)
  * [C,N,Hp,Wp] instead, so that a channel's planes for the whole batch are
  * one run of memory.  im2col and the shifted GEMMs then read without bounds
  * tests, which with rows of 7 to 28 floats cost more than the copies. */
-static void
+DF_HOT static void
 pad_planes (const float *src, int n, int ch, int h, int w, int hp, int wp,
             int lo, gboolean chan_major, float *dst)
 {
@@ -133,7 +133,7 @@ pad_input (const ConvGeom *c, const float *x, int n, float *xp)
 
 /* xp [Ci,Hp,Wp] (padded) -> col [(c1-c0)*kh*kw, (y1-y0)*Wo]: channels
  * [c0,c1) and output rows [y0,y1) of the im2col matrix. */
-static void
+DF_HOT static void
 im2col (const ConvGeom *c, const float *xp, int c0, int c1, int y0, int y1,
         float *col)
 {
@@ -163,7 +163,7 @@ im2col (const ConvGeom *c, const float *xp, int c0, int c1, int y0, int y1,
 }
 
 /* dx [Ci,H,W] channels [c0,c1) += col2im (dcol [(c1-c0)*kh*kw, P]). */
-static void
+DF_HOT static void
 col2im_add (const ConvGeom *c, const float *dcol, int c0, int c1, float *dx)
 {
   gsize p = (gsize) c->ho * c->wo;
@@ -227,7 +227,7 @@ conv_pointwise (const ConvGeom *c, int pad_hi)
 
 /* db [Co] += dy [N,Co,P] summed over N and P, in double, one channel a
  * thread: the order of the sum does not depend on the thread count. */
-static void
+DF_HOT static void
 conv_bias_grad (const float *dy, int n, int co, gsize p, float *db)
 {
 #pragma omp parallel for schedule(static)
@@ -244,7 +244,7 @@ conv_bias_grad (const float *dy, int n, int co, gsize p, float *db)
 /* The general backward: dW from im2col tiles per channel group and sample,
  * dx through W^T dY and col2im.  Used where the shifted form below is not
  * (strided and unpadded convolutions). */
-static void
+DF_HOT static void
 conv2d_backward_im2col (DfGraph *g, DfRecord *r)
 {
   DfTensor *x = r->in[0], *w = r->in[1];
@@ -389,7 +389,7 @@ conv_tile_shifted (const ConvGeom *c, const float *xp, gsize plane,
 
 /* ys[:, rows y0..y1) [Co, *] (row stride p) = acc without the padding
  * columns, + b. */
-static void
+DF_HOT static void
 conv_tile_store (const ConvGeom *c, const float *acc, int y0, int y1,
                  const DfTensor *b, float *ys, gsize p)
 {
@@ -533,7 +533,7 @@ wino_per_thread (const Wino *wi)
  * rotated by 180 degrees.  Per output channel the taps go to planes
  * [9][Ci] in the thread's scratch first, so that the transform runs over
  * contiguous kernels. */
-static void
+DF_HOT static void
 wino_weights (const Wino *wi, const float *w, gboolean flip, float *u,
               float *work)
 {
@@ -592,7 +592,7 @@ wino_weights (const Wino *wi, const float *w, gboolean flip, float *u,
  * 16 results is a difference of two runs of ct, tw floats apart, over all
  * the band's tiles at once (runs that vectorise even at 4 tiles a row).
  * ct: wino_rows floats. */
-static void
+DF_HOT static void
 wino_input (const Wino *wi, const float *restrict xs, int c0, int c1, int a0,
             int a1, gsize T, gsize t0, float *restrict v,
             float *restrict ct)
@@ -702,7 +702,7 @@ wino_put_row (float *restrict y, const float *restrict even,
  * channel the four outputs of every tile are computed over the band's tb
  * tiles at once (runs of tb floats, which vectorise), into q [4][tb], then
  * interleaved into the rows.  q: wino_rows floats. */
-static void
+DF_HOT static void
 wino_output (const Wino *wi, const float *restrict m, gsize T, gsize t0,
              int o0, int o1, int a0, int a1, const float *bias, gboolean add,
              float *restrict ys, float *restrict q)
@@ -767,7 +767,7 @@ wino_gemms (const Wino *wi, const float *u, const float *v, int T, int k0,
  * transform are spread over the threads in turn instead, on the first
  * thread's V and M: the same arithmetic in the same order either way, so
  * the same bits. */
-static void
+DF_HOT static void
 wino_run (const Wino *wi, const float *x, int n, const float *u,
           const float *bias, gboolean add, float *y, float *work)
 {
@@ -847,7 +847,7 @@ wino_dw_scratch (const Wino *wi, int n, int threads)
  * (x, y) to (x, x + y, x - y, -y).  Per channel the band's p, q, r and z
  * go to runs of its tiles first, in pq (wino_rows floats), so that the 16
  * results are computed over all of them at once. */
-static void
+DF_HOT static void
 wino_dy (const Wino *wi, const float *restrict dys, int a0, int a1, gsize T,
          gsize t0, float *restrict e, float *restrict pq)
 {
@@ -930,7 +930,7 @@ wino_dy (const Wino *wi, const float *restrict dys, int a0, int a1, gsize T,
  * a time side by side when a sample is one band of few tiles; the runs'
  * partial dU are summed in order, so dW does not depend on the thread
  * count.  work: wino_dw_scratch floats for threads threads. */
-static void
+DF_HOT static void
 wino_weight_grad (const Wino *wi, const float *x, const float *dy, int n,
                   float *dw, float *work, int threads)
 {
@@ -1045,7 +1045,7 @@ conv_backward_shifted (const ConvGeom *c, int pad_hi)
  *  - dx is the transposed convolution: a shifted convolution of dyp by the
  *    flipped, transposed kernel, tile by tile as the forward, each (sample,
  *    tile of rows) owning its part of dx. */
-static void
+DF_HOT static void
 conv2d_backward_shifted (DfGraph *g, DfRecord *r, const ConvGeom *c)
 {
   DfTensor *x = r->in[0], *w = r->in[1];
@@ -1262,7 +1262,7 @@ df_conv2d_scratch (int n, int ci, int co, int k, int s, int threads)
   return MAX (fwd, bwd);
 }
 
-DfTensor *
+DF_HOT DfTensor *
 df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
            int pad_lo, int pad_hi)
 {
@@ -1367,7 +1367,7 @@ record:
 /* ---- group norm ---- */
 
 /* sum of (a[i] - m)^2 */
-static double
+DF_HOT static double
 sum_sq_dev (const float *a, gsize n, double m)
 {
   double acc[SUM_LANES] = { 0 };
@@ -1390,7 +1390,7 @@ sum_sq_dev (const float *a, gsize n, double m)
 }
 
 /* *sd = sum of d[i], *sdx = sum of d[i] (x[i] - m) */
-static void
+DF_HOT static void
 sum_d_dx (const float *d, const float *x, gsize n, double m, double *sd,
           double *sdx)
 {
@@ -1428,7 +1428,7 @@ group_norm_coef (const float *gamma, const float *beta, int c, double mean,
 /* Saved per (n, group): mean and 1 / sqrt (var + eps), in double.  iarg[1]:
  * SiLU follows (df_group_norm_silu), whose gradient dh = dy silu' (h) at the
  * norm's output h, recomputed from x, goes to the thread's scratch first. */
-static void
+DF_HOT static void
 group_norm_backward (DfGraph *g, DfRecord *r)
 {
   DfTensor *x = r->in[0];
@@ -1535,7 +1535,7 @@ group_norm_backward (DfGraph *g, DfRecord *r)
       }
 }
 
-static DfTensor *
+DF_HOT static DfTensor *
 group_norm (DfGraph *g, DfTensor *x, DfTensor *gamma, DfTensor *beta,
             int groups, float eps, gboolean silu)
 {
@@ -1637,7 +1637,7 @@ linear_rows (const DfTensor *x, int *samples, int *rows)
 /* Below this many rows a sample, plain loops beat a GEMM call. */
 #define LINEAR_GEMM_ROWS 8
 
-static void
+DF_HOT static void
 linear_backward (DfGraph *g, DfRecord *r)
 {
   DfTensor *x = r->in[0], *w = r->in[1];
@@ -1727,7 +1727,7 @@ linear_backward (DfGraph *g, DfRecord *r)
     }
 }
 
-DfTensor *
+DF_HOT DfTensor *
 df_linear (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b)
 {
   DfTensor *y;
@@ -1799,7 +1799,7 @@ df_linear (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b)
 /* p [rows,Lk] = softmax (scale q_h k_h^T) for query rows [i0, i0+rows) of
  * sample s, head h.  Forward and backward call it on the same tiles, so
  * they see the same probabilities. */
-static void
+DF_HOT static void
 attention_probs (const DfTensor *q, const DfTensor *k, int s, int h, int dh,
                  float scale, int i0, int rows, float *p)
 {
@@ -1829,7 +1829,7 @@ attention_probs (const DfTensor *q, const DfTensor *k, int s, int h, int dh,
 
 /* A unit is (sample, head); it recomputes its probabilities instead of
  * keeping N*heads L x L matrices from the forward pass. */
-static void
+DF_HOT static void
 attention_backward (DfGraph *g, DfRecord *r)
 {
   DfTensor *q = r->in[0], *k = r->in[1], *v = r->in[2];
@@ -1888,7 +1888,7 @@ attention_backward (DfGraph *g, DfRecord *r)
     }
 }
 
-DfTensor *
+DF_HOT DfTensor *
 df_attention (DfGraph *g, DfTensor *q, DfTensor *k, DfTensor *v, int heads)
 {
   DfTensor *y;
@@ -1946,7 +1946,7 @@ df_attention (DfGraph *g, DfTensor *q, DfTensor *k, DfTensor *v, int heads)
 
 /* ---- embedding ---- */
 
-static void
+DF_HOT static void
 embedding_backward (DfGraph *g, DfRecord *r)
 {
   const int *ids = r->saved;
@@ -1961,7 +1961,7 @@ embedding_backward (DfGraph *g, DfRecord *r)
       dt[(gsize) ids[i] * d + j] += dy[(gsize) i * d + j];
 }
 
-DfTensor *
+DF_HOT DfTensor *
 df_embedding (DfGraph *g, DfTensor *table, const int *ids, int n)
 {
   DfTensor *y;
@@ -1995,7 +1995,7 @@ df_embedding (DfGraph *g, DfTensor *table, const int *ids, int n)
 
 /* ---- mean over H, W ---- */
 
-static void
+DF_HOT static void
 mean_hw_backward (DfGraph *g, DfRecord *r)
 {
   DfTensor *x = r->in[0];
@@ -2011,7 +2011,7 @@ mean_hw_backward (DfGraph *g, DfRecord *r)
       dx[i * s + q] += dy[i] * inv;
 }
 
-DfTensor *
+DF_HOT DfTensor *
 df_mean_hw (DfGraph *g, DfTensor *x)
 {
   DfTensor *y;
@@ -2044,7 +2044,7 @@ df_mean_hw (DfGraph *g, DfTensor *x)
 
 /* ---- nearest upsampling x2 ---- */
 
-static void
+DF_HOT static void
 upsample2x_backward (DfGraph *g, DfRecord *r)
 {
   DfTensor *x = r->in[0];
@@ -2066,7 +2066,7 @@ upsample2x_backward (DfGraph *g, DfRecord *r)
       }
 }
 
-DfTensor *
+DF_HOT DfTensor *
 df_upsample2x (DfGraph *g, DfTensor *x)
 {
   DfTensor *y;
@@ -2101,7 +2101,7 @@ df_upsample2x (DfGraph *g, DfTensor *x)
 
 /* ---- concatenation over channels ---- */
 
-static void
+DF_HOT static void
 concat_backward (DfGraph *g, DfRecord *r)
 {
   DfTensor *a = r->in[0], *b = r->in[1];
@@ -2124,7 +2124,7 @@ concat_backward (DfGraph *g, DfRecord *r)
     }
 }
 
-DfTensor *
+DF_HOT DfTensor *
 df_concat (DfGraph *g, DfTensor *a, DfTensor *b)
 {
   DfTensor *y;
@@ -2161,7 +2161,7 @@ df_concat (DfGraph *g, DfTensor *a, DfTensor *b)
 /* ---- image <-> tokens ---- */
 
 /* dst [N,B,A] (+)= src [N,A,B] transposed per sample. */
-static void
+DF_HOT static void
 transpose_batch (const float *src, float *dst, int n, int a, int b,
                  gboolean add)
 {

@@ -97,6 +97,21 @@ df_silu_slope (float x)
   return s * (1.0f + x * (1.0f - s));
 }
 
+/* The engine's loops are compiled for x86-64-v4 (AVX-512) and x86-64-v3
+ * (AVX2, FMA) besides the baseline, and the CPU picks one as the program
+ * loads (GCC's target_clones, an ifunc): one binary runs on any x86-64 at
+ * the speed of the machine it is on.  On one machine results are the same
+ * bits whatever the batch and thread count; two machines may differ in the
+ * last place. */
+#if defined (__GNUC__) && !defined (__clang__) && defined (__x86_64__) \
+    && defined (__ELF__)
+#define DF_HOT \
+  __attribute__ ((target_clones ("arch=x86-64-v4", "arch=x86-64-v3", \
+                                 "default")))
+#else
+#define DF_HOT
+#endif
+
 /* OpenMP only pays off past some work; results never depend on it. */
 #define DF_PAR_MIN 8192
 

@@ -331,7 +331,7 @@ df_graph_backward (DfGraph *g)
 
 /* ---- elementwise operations ---- */
 
-static void
+DF_HOT static void
 add_backward (DfGraph *g, DfRecord *r)
 {
   const float *dy = r->out->grad;
@@ -349,7 +349,7 @@ add_backward (DfGraph *g, DfRecord *r)
     }
 }
 
-DfTensor *
+DF_HOT DfTensor *
 df_add (DfGraph *g, DfTensor *a, DfTensor *b)
 {
   DfTensor *y;
@@ -372,7 +372,7 @@ df_add (DfGraph *g, DfTensor *a, DfTensor *b)
   return y;
 }
 
-static void
+DF_HOT static void
 scale_backward (DfGraph *g, DfRecord *r)
 {
   const float *dy = r->out->grad;
@@ -385,7 +385,7 @@ scale_backward (DfGraph *g, DfRecord *r)
     dx[i] += s * dy[i];
 }
 
-DfTensor *
+DF_HOT DfTensor *
 df_scale (DfGraph *g, DfTensor *x, float s)
 {
   DfTensor *y;
@@ -407,7 +407,7 @@ df_scale (DfGraph *g, DfTensor *x, float s)
   return y;
 }
 
-static void
+DF_HOT static void
 add_channel_backward (DfGraph *g, DfRecord *r)
 {
   const float *dy = r->out->grad;            /* [N,C,S] */
@@ -436,7 +436,7 @@ add_channel_backward (DfGraph *g, DfRecord *r)
     }
 }
 
-DfTensor *
+DF_HOT DfTensor *
 df_add_channel (DfGraph *g, DfTensor *x, DfTensor *e)
 {
   DfTensor *y;
@@ -466,7 +466,7 @@ df_add_channel (DfGraph *g, DfTensor *x, DfTensor *e)
   return y;
 }
 
-static void
+DF_HOT static void
 silu_backward (DfGraph *g, DfRecord *r)
 {
   const float *x = r->in[0]->data;
@@ -479,7 +479,7 @@ silu_backward (DfGraph *g, DfRecord *r)
     dx[i] += dy[i] * df_silu_slope (x[i]);
 }
 
-DfTensor *
+DF_HOT DfTensor *
 df_silu (DfGraph *g, DfTensor *x)
 {
   DfTensor *y;
@@ -502,7 +502,7 @@ df_silu (DfGraph *g, DfTensor *x)
 
 /* ---- losses ---- */
 
-double
+DF_HOT double
 df_loss_mse (DfGraph *g, DfTensor *pred, const float *target)
 {
   double sum = 0;
