@@ -72,6 +72,12 @@ sum_f (const float *a, gsize n)
   return lanes_total (acc);
 }
 
+double
+df_sum_f (const float *a, gsize n)
+{
+  return sum_f (a, n);
+}
+
 /* ---- conv2d ---- */
 
 typedef struct {
@@ -1172,7 +1178,8 @@ static void
 conv2d_backward_winograd (DfGraph *g, DfRecord *r, const ConvGeom *c)
 {
   DfTensor *x = r->in[0], *w = r->in[1];
-  float *dx = df_grad_or_null (x);
+  gboolean fresh;
+  float *dx = df_grad_fresh_or_null (x, &fresh);
   float *dw = df_grad_or_null (w);               /* [Co,Ci,3,3] */
   const float *dy = r->out->grad;                /* [N,Co,H,W] */
   int n = x->shape[0], threads = omp_get_max_threads ();
@@ -1194,7 +1201,7 @@ conv2d_backward_winograd (DfGraph *g, DfRecord *r, const ConvGeom *c)
   if (dx != NULL)
     {
       wino_weights (&wx, w->data, TRUE, work, work + cc16);
-      wino_run (&wx, dy, n, work, NULL, TRUE, dx, work + cc16);
+      wino_run (&wx, dy, n, work, NULL, !fresh, dx, work + cc16);
     }
 }
 
@@ -1434,7 +1441,8 @@ group_norm_backward (DfGraph *g, DfRecord *r)
   DfTensor *x = r->in[0];
   const float *gamma = r->in[1] != NULL ? r->in[1]->data : NULL;
   const float *beta = r->in[2] != NULL ? r->in[2]->data : NULL;
-  float *dx = df_grad_or_null (x);
+  gboolean fresh;
+  float *dx = df_grad_fresh_or_null (x, &fresh);
   float *dgamma = df_grad_or_null (r->in[1]);
   float *dbeta = df_grad_or_null (r->in[2]);
   const float *dy = r->out->grad;
@@ -1512,8 +1520,12 @@ group_norm_backward (DfGraph *g, DfRecord *r)
           const float *xc = xg + c * s, *dc = dh + c * s;
           float *dxc = dx + base + c * s;
 
-          for (gsize q = 0; q < s; q++)
-            dxc[q] += ga * dc[q] + (a * (xc[q] - mf) + b);
+          if (fresh)
+            for (gsize q = 0; q < s; q++)
+              dxc[q] = ga * dc[q] + (a * (xc[q] - mf) + b);
+          else
+            for (gsize q = 0; q < s; q++)
+              dxc[q] += ga * dc[q] + (a * (xc[q] - mf) + b);
         }
     }
 
@@ -2048,7 +2060,8 @@ DF_HOT static void
 upsample2x_backward (DfGraph *g, DfRecord *r)
 {
   DfTensor *x = r->in[0];
-  float *dx = df_tensor_grad (x);
+  gboolean fresh;
+  float *dx = df_tensor_grad_fresh (x, &fresh);
   const float *dy = r->out->grad;                /* [N,C,2H,2W] */
   int nc = x->shape[0] * x->shape[1], h = x->shape[2], w = x->shape[3];
 
@@ -2060,9 +2073,14 @@ upsample2x_backward (DfGraph *g, DfRecord *r)
         const float *r1 = r0 + 2 * w;
         float *d = dx + ((gsize) i * h + yy) * w;
 
-        for (int xx = 0; xx < w; xx++)
-          d[xx] += (r0[2 * xx] + r0[2 * xx + 1])
-                   + (r1[2 * xx] + r1[2 * xx + 1]);
+        if (fresh)
+          for (int xx = 0; xx < w; xx++)
+            d[xx] = (r0[2 * xx] + r0[2 * xx + 1])
+                    + (r1[2 * xx] + r1[2 * xx + 1]);
+        else
+          for (int xx = 0; xx < w; xx++)
+            d[xx] += (r0[2 * xx] + r0[2 * xx + 1])
+                     + (r1[2 * xx] + r1[2 * xx + 1]);
       }
 }
 
@@ -2105,22 +2123,31 @@ DF_HOT static void
 concat_backward (DfGraph *g, DfRecord *r)
 {
   DfTensor *a = r->in[0], *b = r->in[1];
-  float *da = df_grad_or_null (a), *db = df_grad_or_null (b);
   const float *dy = r->out->grad;
   int n = a->shape[0];
   gsize sa = a->size / n, sb = b->size / n;
 
-#pragma omp parallel for schedule(static) if (r->out->size > DF_PAR_MIN)
-  for (int s = 0; s < n; s++)
+  /* One input after the other, in case they are the same tensor. */
+  for (int k = 0; k < 2; k++)
     {
-      const float *d = dy + s * (sa + sb);
+      gboolean fresh;
+      float *d = df_grad_fresh_or_null (r->in[k], &fresh);
+      gsize sk = k == 0 ? sa : sb, off = k == 0 ? 0 : sa;
 
-      if (da != NULL)
-        for (gsize i = 0; i < sa; i++)
-          da[s * sa + i] += d[i];
-      if (db != NULL)
-        for (gsize i = 0; i < sb; i++)
-          db[s * sb + i] += d[sa + i];
+      if (d == NULL)
+        continue;
+#pragma omp parallel for schedule(static) if (r->out->size > DF_PAR_MIN)
+      for (int s = 0; s < n; s++)
+        {
+          const float *src = dy + s * (sa + sb) + off;
+          float *dst = d + s * sk;
+
+          if (fresh)
+            memcpy (dst, src, sk * sizeof (float));
+          else
+            for (gsize i = 0; i < sk; i++)
+              dst[i] += src[i];
+        }
     }
 }
 
@@ -2190,7 +2217,10 @@ to_tokens_backward (DfGraph *g, DfRecord *r)
   int n = x->shape[0], c = x->shape[1];
   int l = x->size / ((gsize) n * c);
 
-  transpose_batch (r->out->grad, df_tensor_grad (x), n, l, c, TRUE);
+  gboolean fresh;
+  float *dx = df_tensor_grad_fresh (x, &fresh);
+
+  transpose_batch (r->out->grad, dx, n, l, c, !fresh);
 }
 
 DfTensor *
@@ -2223,9 +2253,11 @@ static void
 from_tokens_backward (DfGraph *g, DfRecord *r)
 {
   DfTensor *x = r->in[0];                        /* [N,L,C] */
+  gboolean fresh;
+  float *dx = df_tensor_grad_fresh (x, &fresh);
 
-  transpose_batch (r->out->grad, df_tensor_grad (x), x->shape[0],
-                   x->shape[2], x->shape[1], TRUE);
+  transpose_batch (r->out->grad, dx, x->shape[0], x->shape[2], x->shape[1],
+                   !fresh);
 }
 
 DfTensor *

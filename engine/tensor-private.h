@@ -46,6 +46,15 @@ df_grad_or_null (DfTensor *t)
   return t != NULL && t->requires_grad ? df_tensor_grad (t) : NULL;
 }
 
+/* The same through df_tensor_grad_fresh. */
+static inline float *
+df_grad_fresh_or_null (DfTensor *t, gboolean *fresh)
+{
+  *fresh = FALSE;
+  return t != NULL && t->requires_grad ? df_tensor_grad_fresh (t, fresh)
+                                       : NULL;
+}
+
 /* e^x in float, within 1 ulp of the exact value (Cephes' polynomial),
  * written so that loops over arrays vectorise: libm's expf is a call per
  * element, which made SiLU cost as much as a convolution's GEMM.  |x| is
@@ -111,6 +120,10 @@ df_silu_slope (float x)
 #else
 #define DF_HOT
 #endif
+
+/* Sum of a[0 .. n) in double over 8 interleaved lanes (ops.c): the order
+ * depends on n only. */
+double df_sum_f (const float *a, gsize n);
 
 /* OpenMP only pays off past some work; results never depend on it. */
 #define DF_PAR_MIN 8192

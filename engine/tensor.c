@@ -152,6 +152,20 @@ df_tensor_grad (DfTensor *t)
   return t->grad;
 }
 
+float *
+df_tensor_grad_fresh (DfTensor *t, gboolean *fresh)
+{
+  g_return_val_if_fail (t != NULL && fresh != NULL, NULL);
+
+  *fresh = !t->grad_valid;
+  if (!t->grad_valid)
+    {
+      grad_reserve (t);
+      t->grad_valid = TRUE;
+    }
+  return t->grad;
+}
+
 void
 df_tensor_zero_grad (DfTensor *t)
 {
@@ -337,15 +351,21 @@ add_backward (DfGraph *g, DfRecord *r)
   const float *dy = r->out->grad;
   gsize n = r->out->size;
 
+  /* One input after the other: df_add (x, x) adds into what the first
+   * wrote. */
   for (int k = 0; k < 2; k++)
     {
-      float *dx = df_grad_or_null (r->in[k]);
+      gboolean fresh;
+      float *dx = df_grad_fresh_or_null (r->in[k], &fresh);
 
       if (dx == NULL)
         continue;
+      if (fresh)
+        memcpy (dx, dy, n * sizeof (float));
+      else
 #pragma omp parallel for schedule(static) if (n > DF_PAR_MIN)
-      for (gsize i = 0; i < n; i++)
-        dx[i] += dy[i];
+        for (gsize i = 0; i < n; i++)
+          dx[i] += dy[i];
     }
 }
 
@@ -376,13 +396,19 @@ DF_HOT static void
 scale_backward (DfGraph *g, DfRecord *r)
 {
   const float *dy = r->out->grad;
-  float *dx = df_tensor_grad (r->in[0]);
+  gboolean fresh;
+  float *dx = df_tensor_grad_fresh (r->in[0], &fresh);
   float s = r->farg[0];
   gsize n = r->out->size;
 
+  if (fresh)
 #pragma omp parallel for schedule(static) if (n > DF_PAR_MIN)
-  for (gsize i = 0; i < n; i++)
-    dx[i] += s * dy[i];
+    for (gsize i = 0; i < n; i++)
+      dx[i] = s * dy[i];
+  else
+#pragma omp parallel for schedule(static) if (n > DF_PAR_MIN)
+    for (gsize i = 0; i < n; i++)
+      dx[i] += s * dy[i];
 }
 
 DF_HOT DfTensor *
@@ -411,12 +437,15 @@ DF_HOT static void
 add_channel_backward (DfGraph *g, DfRecord *r)
 {
   const float *dy = r->out->grad;            /* [N,C,S] */
-  float *dx = df_grad_or_null (r->in[0]);
+  gboolean fresh;
+  float *dx = df_grad_fresh_or_null (r->in[0], &fresh);
   float *de = df_grad_or_null (r->in[1]);    /* [N,C] */
   int nc = r->in[1]->shape[0] * r->in[1]->shape[1];
   gsize s = r->out->size / nc;
 
-  if (dx != NULL)
+  if (dx != NULL && fresh)
+    memcpy (dx, dy, r->out->size * sizeof (float));
+  else if (dx != NULL)
     {
 #pragma omp parallel for schedule(static) if (r->out->size > DF_PAR_MIN)
       for (gsize i = 0; i < r->out->size; i++)
@@ -426,13 +455,7 @@ add_channel_backward (DfGraph *g, DfRecord *r)
     {
 #pragma omp parallel for schedule(static) if (r->out->size > DF_PAR_MIN)
       for (int i = 0; i < nc; i++)
-        {
-          double sum = 0;
-
-          for (gsize j = 0; j < s; j++)
-            sum += dy[i * s + j];
-          de[i] += (float) sum;
-        }
+        de[i] += (float) df_sum_f (dy + i * s, s);
     }
 }
 

@@ -1029,6 +1029,105 @@ test_chain_grad (void)
   case_free (&c);
 }
 
+/* ---- fresh gradients ---- */
+
+/* Each op on s = 1.5 x, a graph tensor: the first gradient into s is
+ * stored (df_tensor_grad_fresh) rather than added to zeros, and an op that
+ * takes s twice adds the second into the first. */
+static DfTensor *
+fresh_input (DfGraph *g, Case *c)
+{
+  return df_scale (g, c->t[0], 1.5f);
+}
+
+static DfTensor *
+build_fresh_add (DfGraph *g, Case *c)
+{
+  DfTensor *s = fresh_input (g, c);
+
+  return df_add (g, s, df_scale (g, s, 2.0f));
+}
+
+static DfTensor *
+build_fresh_add_same (DfGraph *g, Case *c)
+{
+  DfTensor *s = fresh_input (g, c);
+
+  return df_add (g, s, s);
+}
+
+static DfTensor *
+build_fresh_concat_same (DfGraph *g, Case *c)
+{
+  DfTensor *s = fresh_input (g, c);
+
+  return df_concat (g, s, s);
+}
+
+static DfTensor *
+build_fresh_add_channel (DfGraph *g, Case *c)
+{
+  return df_add_channel (g, fresh_input (g, c), c->t[1]);
+}
+
+static DfTensor *
+build_fresh_conv (DfGraph *g, Case *c)
+{
+  return df_conv2d (g, fresh_input (g, c), c->t[2], NULL, 1, 1, 1);
+}
+
+static DfTensor *
+build_fresh_norm (DfGraph *g, Case *c)
+{
+  return df_group_norm_silu (g, fresh_input (g, c), NULL, NULL, 2, 1e-5f);
+}
+
+static DfTensor *
+build_fresh_upsample (DfGraph *g, Case *c)
+{
+  return df_upsample2x (g, fresh_input (g, c));
+}
+
+static DfTensor *
+build_fresh_tokens (DfGraph *g, Case *c)
+{
+  DfTensor *s = fresh_input (g, c);
+
+  return df_from_tokens (g, df_to_tokens (g, s), s->shape[2], s->shape[3]);
+}
+
+static void
+test_fresh_grad (void)
+{
+  static const struct {
+    const char *name;
+    BuildFunc   build;
+  } ops[] = {
+    { "add", build_fresh_add },
+    { "add of one tensor twice", build_fresh_add_same },
+    { "concat of one tensor twice", build_fresh_concat_same },
+    { "add channel", build_fresh_add_channel },
+    { "conv, Winograd", build_fresh_conv },
+    { "group norm + silu", build_fresh_norm },
+    { "upsample", build_fresh_upsample },
+    { "tokens and back", build_fresh_tokens },
+  };
+
+  for (guint i = 0; i < G_N_ELEMENTS (ops); i++)
+    {
+      Case c = { 0 };
+      char *what = g_strdup_printf ("%s into a fresh gradient", ops[i].name);
+
+      c.t[0] = random_4d (2, 4, 7, 8);
+      c.t[1] = random_nd (2, 2, 4, 0);
+      c.t[2] = random_4d (3, 4, 3, 3);
+      c.n_t = 3;
+      assert_grad (what, &c, ops[i].build);
+      g_free (what);
+      case_free (&c);
+    }
+}
+
 /* ---- the graph ---- */
 
 static void
@@ -1423,6 +1522,7 @@ main (int argc, char **argv)
   g_test_add_func ("/engine/ops/loss/cross-entropy", test_loss_cross_entropy);
   g_test_add_func ("/engine/ops/loss/log-prob", test_loss_log_prob);
   g_test_add_func ("/engine/ops/chain/grad", test_chain_grad);
+  g_test_add_func ("/engine/ops/fresh-grad", test_fresh_grad);
   g_test_add_func ("/engine/graph/reset-reuses-memory", test_graph_reuse);
   g_test_add_func ("/engine/graph/no-record-keeps-nothing",
                    test_graph_no_record);
