@@ -152,6 +152,18 @@ df_tensor_grad (DfTensor *t)
   return t->grad;
 }
 
+/* dst = src, in blocks spread over the threads. */
+static void
+copy_floats (float *dst, const float *src, gsize n)
+{
+  gsize blocks = (n + DF_PAR_MIN - 1) / DF_PAR_MIN;
+
+#pragma omp parallel for schedule(static) if (blocks > 1)
+  for (gsize k = 0; k < blocks; k++)
+    memcpy (dst + k * DF_PAR_MIN, src + k * DF_PAR_MIN,
+            MIN (DF_PAR_MIN, n - k * DF_PAR_MIN) * sizeof (float));
+}
+
 float *
 df_tensor_grad_fresh (DfTensor *t, gboolean *fresh)
 {
@@ -361,7 +373,7 @@ add_backward (DfGraph *g, DfRecord *r)
       if (dx == NULL)
         continue;
       if (fresh)
-        memcpy (dx, dy, n * sizeof (float));
+        copy_floats (dx, dy, n);
       else
 #pragma omp parallel for schedule(static) if (n > DF_PAR_MIN)
         for (gsize i = 0; i < n; i++)
@@ -444,7 +456,7 @@ add_channel_backward (DfGraph *g, DfRecord *r)
   gsize s = r->out->size / nc;
 
   if (dx != NULL && fresh)
-    memcpy (dx, dy, r->out->size * sizeof (float));
+    copy_floats (dx, dy, r->out->size);
   else if (dx != NULL)
     {
 #pragma omp parallel for schedule(static) if (r->out->size > DF_PAR_MIN)
