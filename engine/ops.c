@@ -1821,20 +1821,36 @@ attention_probs (const DfTensor *q, const DfTensor *k, int s, int h, int dh,
 
   df_sgemm (DF_NO_TRANS, DF_TRANS, rows, lk, dh, scale, qh, d, kh, d, 0.0f, p,
             lk);
+  /* Softmax per row; the max and the sum over SUM_LANES interleaved
+   * lanes (combined in a fixed order), which vectorise. */
   for (int i = 0; i < rows; i++)
     {
-      float *row = p + (gsize) i * lk;
-      float m = row[0], sum = 0.0f, inv;
+      float *restrict row = p + (gsize) i * lk;
+      float mx[SUM_LANES], acc[SUM_LANES] = { 0 }, m, sum, inv;
+      int j;
 
-      for (int j = 1; j < lk; j++)
-        m = MAX (m, row[j]);
-      for (int j = 0; j < lk; j++)
-        {
-          row[j] = expf (row[j] - m);
-          sum += row[j];
-        }
+      for (int l = 0; l < SUM_LANES; l++)
+        mx[l] = row[0];
+      for (j = 0; j + SUM_LANES <= lk; j += SUM_LANES)
+        for (int l = 0; l < SUM_LANES; l++)
+          mx[l] = row[j + l] > mx[l] ? row[j + l] : mx[l];
+      for (; j < lk; j++)
+        mx[0] = row[j] > mx[0] ? row[j] : mx[0];
+      m = mx[0];
+      for (int l = 1; l < SUM_LANES; l++)
+        m = mx[l] > m ? mx[l] : m;
+
+      for (j = 0; j < lk; j++)
+        row[j] = df_expf (row[j] - m);
+      for (j = 0; j + SUM_LANES <= lk; j += SUM_LANES)
+        for (int l = 0; l < SUM_LANES; l++)
+          acc[l] += row[j + l];
+      for (; j < lk; j++)
+        acc[j % SUM_LANES] += row[j];
+      sum = ((acc[0] + acc[1]) + (acc[2] + acc[3]))
+            + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
       inv = 1.0f / sum;
-      for (int j = 0; j < lk; j++)
+      for (j = 0; j < lk; j++)
         row[j] *= inv;
     }
 }
