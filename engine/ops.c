@@ -231,10 +231,12 @@ conv_pointwise (const ConvGeom *c, int pad_hi)
          && pad_hi == 0;
 }
 
-/* db [Co] += dy [N,Co,P] summed over N and P, in double, one channel a
- * thread: the order of the sum does not depend on the thread count. */
+/* db [Co] += dy [N,Co,P] summed over N and P, in double, and de [N,Co]
+ * += the per-sample sums (either may be NULL), one channel a thread: the
+ * order of the sums does not depend on the thread count. */
 DF_HOT static void
-conv_bias_grad (const float *dy, int n, int co, gsize p, float *db)
+conv_bias_grad (const float *dy, int n, int co, gsize p, float *db,
+                float *de)
 {
 #pragma omp parallel for schedule(static)
   for (int o = 0; o < co; o++)
@@ -242,9 +244,26 @@ conv_bias_grad (const float *dy, int n, int co, gsize p, float *db)
       double sum = 0;
 
       for (int s = 0; s < n; s++)
-        sum += sum_f (dy + ((gsize) s * co + o) * p, p);
-      db[o] += (float) sum;
+        {
+          double v = sum_f (dy + ((gsize) s * co + o) * p, p);
+
+          if (de != NULL)
+            de[(gsize) s * co + o] += (float) v;
+          sum += v;
+        }
+      if (db != NULL)
+        db[o] += (float) sum;
     }
+}
+
+/* ys [Co, t] (part of one sample's output, rows p apart) += e [Co] per
+ * channel. */
+static void
+conv_add_emb (float *ys, const float *e, int co, gsize t, gsize p)
+{
+  for (int o = 0; o < co; o++)
+    for (gsize q = 0; q < t; q++)
+      ys[o * p + q] += e[o];
 }
 
 /* The general backward: dW from im2col tiles per channel group and sample,
@@ -256,7 +275,6 @@ conv2d_backward_im2col (DfGraph *g, DfRecord *r)
   DfTensor *x = r->in[0], *w = r->in[1];
   float *dx = df_grad_or_null (x);
   float *dw = df_grad_or_null (w);               /* [Co,KK] */
-  float *db = df_grad_or_null (r->in[2]);        /* [Co] */
   const float *dy = r->out->grad;                /* [N,Co,P] */
   int n = x->shape[0], pad_hi = r->iarg[1], n_cg, kk1;
   ConvGeom c;
@@ -272,9 +290,6 @@ conv2d_backward_im2col (DfGraph *g, DfRecord *r)
   kk = (gsize) c.ci * kk1;
   xs = (gsize) c.ci * c.h * c.w;
   n_cg = (c.ci + CONV_TILE_C - 1) / CONV_TILE_C;
-
-  if (db != NULL)
-    conv_bias_grad (dy, n, c.co, p, db);
 
   /* Per thread: the im2col rows [CONV_TILE_C*kh*kw, P] of one channel group,
    * recomputed here rather than kept from the forward pass. */
@@ -703,15 +718,17 @@ wino_put_row (float *restrict y, const float *restrict even,
 }
 
 /* ys[o, rows 2a..2a+1] (+)= A^T M[., o, t0 + tiles of row a] A (+ bias[o])
- * for output channels [o0, o1) and tile rows [a0, a1) of one sample,
+ * (+ emb[o], the sample's, added after the bias) for output channels [o0,
+ * o1) and tile rows [a0, a1) of one sample,
  * without the outputs outside the image; M's rows are T floats long.  Per
  * channel the four outputs of every tile are computed over the band's tb
  * tiles at once (runs of tb floats, which vectorise), into q [4][tb], then
  * interleaved into the rows.  q: wino_rows floats. */
 DF_HOT static void
 wino_output (const Wino *wi, const float *restrict m, gsize T, gsize t0,
-             int o0, int o1, int a0, int a1, const float *bias, gboolean add,
-             float *restrict ys, float *restrict q)
+             int o0, int o1, int a0, int a1, const float *bias,
+             const float *emb, gboolean add, float *restrict ys,
+             float *restrict q)
 {
   int tw = wi->tw, tb = (a1 - a0) * tw;
   gsize ct = (gsize) wi->co * T;
@@ -742,6 +759,14 @@ wino_output (const Wino *wi, const float *restrict m, gsize T, gsize t0,
           q10[t] = r1[0] + r1[1] + r1[2] + bo;
           q11[t] = r1[1] - r1[2] - r1[3] + bo;
         }
+      if (emb != NULL)
+        for (int t = 0; t < tb; t++)
+          {
+            q00[t] += emb[o];
+            q01[t] += emb[o];
+            q10[t] += emb[o];
+            q11[t] += emb[o];
+          }
       for (int a = a0; a < a1; a++)
         {
           int ta = (a - a0) * tw;
@@ -775,7 +800,8 @@ wino_gemms (const Wino *wi, const float *u, const float *v, int T, int k0,
  * the same bits. */
 DF_HOT static void
 wino_run (const Wino *wi, const float *x, int n, const float *u,
-          const float *bias, gboolean add, float *y, float *work)
+          const float *bias, const float *emb, gboolean add, float *y,
+          float *work)
 {
   gsize per_thread = wino_per_thread (wi);
   gsize rows_at = per_thread - wino_rows (wi);
@@ -794,7 +820,8 @@ wino_run (const Wino *wi, const float *x, int n, const float *u,
           wino_input (wi, x + s * wi->x_sample, 0, wi->ci, a0, a1, T, 0, v,
                       v + rows_at);
           wino_gemms (wi, u, v, T, 0, 16, m);
-          wino_output (wi, m, T, 0, 0, wi->co, a0, a1, bias, add,
+          wino_output (wi, m, T, 0, 0, wi->co, a0, a1, bias,
+                       emb != NULL ? emb + (gsize) s * wi->co : NULL, add,
                        y + s * wi->y_sample, v + rows_at);
         }
       return;
@@ -815,7 +842,8 @@ wino_run (const Wino *wi, const float *x, int n, const float *u,
         wino_gemms (wi, u, v, T, k, k + 1, m);
 #pragma omp parallel for schedule(static)
       for (int o = 0; o < wi->co; o++)
-        wino_output (wi, m, T, 0, o, o + 1, a0, a1, bias, add,
+        wino_output (wi, m, T, 0, o, o + 1, a0, a1, bias,
+                     emb != NULL ? emb + (gsize) s * wi->co : NULL, add,
                      y + s * wi->y_sample,
                      work + per_thread * omp_get_thread_num () + rows_at);
     }
@@ -1201,7 +1229,7 @@ conv2d_backward_winograd (DfGraph *g, DfRecord *r, const ConvGeom *c)
   if (dx != NULL)
     {
       wino_weights (&wx, w->data, TRUE, work, work + cc16);
-      wino_run (&wx, dy, n, work, NULL, !fresh, dx, work + cc16);
+      wino_run (&wx, dy, n, work, NULL, NULL, !fresh, dx, work + cc16);
     }
 }
 
@@ -1210,17 +1238,19 @@ conv2d_backward (DfGraph *g, DfRecord *r)
 {
   ConvGeom c;
 
+  float *db = df_grad_or_null (r->in[2]), *de = df_grad_or_null (r->in[3]);
+
   blas_serial ();
   conv_geom (&c, r->in[0], r->in[1], r->iarg[0], r->iarg[2], r->iarg[1]);
+  if (db != NULL || de != NULL)
+    conv_bias_grad (r->out->grad, r->in[0]->shape[0], c.co,
+                    (gsize) c.ho * c.wo, db, de);
   if (!conv_backward_shifted (&c, r->iarg[1]))
     {
       conv2d_backward_im2col (g, r);
       return;
     }
 
-  if (df_grad_or_null (r->in[2]) != NULL)
-    conv_bias_grad (r->out->grad, r->in[0]->shape[0], c.co,
-                    (gsize) c.ho * c.wo, df_grad_or_null (r->in[2]));
   if (df_grad_or_null (r->in[0]) == NULL && df_grad_or_null (r->in[1]) == NULL)
     return;
   if (conv_winograd (&c, r->iarg[1]))
@@ -1230,10 +1260,11 @@ conv2d_backward (DfGraph *g, DfRecord *r)
 }
 
 /* The forward of a "same" 3x3 convolution in Winograd form (see
- * conv_winograd) into y. */
+ * conv_winograd) into y, + e [N,Co] per channel when not NULL. */
 static void
 conv2d_forward_winograd (DfGraph *g, const ConvGeom *c, const DfTensor *x,
-                         const DfTensor *w, const DfTensor *b, DfTensor *y)
+                         const DfTensor *w, const DfTensor *b,
+                         const DfTensor *e, DfTensor *y)
 {
   int n = x->shape[0];
   gsize cc16 = (gsize) 16 * c->co * c->ci;
@@ -1245,8 +1276,8 @@ conv2d_forward_winograd (DfGraph *g, const ConvGeom *c, const DfTensor *x,
   u = df_graph_workspace (g, cc16 + wino_per_thread (&wi)
                                     * omp_get_max_threads ());
   wino_weights (&wi, w->data, FALSE, u, u + cc16);
-  wino_run (&wi, x->data, n, u, b != NULL ? b->data : NULL, FALSE, y->data,
-            u + cc16);
+  wino_run (&wi, x->data, n, u, b != NULL ? b->data : NULL,
+            e != NULL ? e->data : NULL, FALSE, y->data, u + cc16);
 }
 
 double
@@ -1269,9 +1300,9 @@ df_conv2d_scratch (int n, int ci, int co, int k, int s, int threads)
   return MAX (fwd, bwd);
 }
 
-DF_HOT DfTensor *
-df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
-           int pad_lo, int pad_hi)
+DF_HOT static DfTensor *
+conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, DfTensor *e,
+        int stride, int pad_lo, int pad_hi)
 {
   ConvGeom c;
   DfTensor *y;
@@ -1284,6 +1315,8 @@ df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
   g_return_val_if_fail (x->ndim == 4 && w->ndim == 4, NULL);
   g_return_val_if_fail (w->shape[1] == x->shape[1], NULL);
   g_return_val_if_fail (b == NULL || (int) b->size == w->shape[0], NULL);
+  g_return_val_if_fail (e == NULL || (e->ndim == 2 && e->shape[0] == x->shape[0]
+                                      && e->shape[1] == w->shape[0]), NULL);
   g_return_val_if_fail (stride >= 1 && pad_lo >= 0 && pad_hi >= 0, NULL);
   g_return_val_if_fail (x->shape[2] + pad_lo + pad_hi >= w->shape[2]
                         && x->shape[3] + pad_lo + pad_hi >= w->shape[3], NULL);
@@ -1303,7 +1336,7 @@ df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
   y = df_graph_tensor_4d (g, n, c.co, c.ho, c.wo);
   if (!pw && conv_winograd (&c, pad_hi))
     {
-      conv2d_forward_winograd (g, &c, x, w, b, y);
+      conv2d_forward_winograd (g, &c, x, w, b, e, y);
       goto record;
     }
   shifted = !pw && conv_shifted (&c);
@@ -1341,7 +1374,6 @@ df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
         {
           conv_tile_shifted (&c, xp + s * xps, xps / c.ci, wt, y0, y1, tile);
           conv_tile_store (&c, tile, y0, y1, b, ys, p);
-          continue;
         }
       else
         {
@@ -1350,25 +1382,43 @@ df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
           df_sgemm (DF_NO_TRANS, DF_NO_TRANS, c.co, t, kk, 1.0f, w->data, kk,
                     tile, t, 0.0f, ys, p);
         }
-      if (b != NULL)
+      if (b != NULL && !shifted)
         for (int o = 0; o < c.co; o++)
           for (int q = 0; q < t; q++)
             ys[o * p + q] += b->data[o];
+      if (e != NULL)
+        conv_add_emb (ys, e->data + (gsize) s * c.co, c.co, t, p);
     }
 
 record:
-  if (df_graph_wants (g, x, w, b, NULL))
+  if (df_graph_wants (g, x, w, b, e))
     {
       DfRecord *r = df_graph_push (g, conv2d_backward, y);
 
       r->in[0] = x;
       r->in[1] = w;
       r->in[2] = b;
+      r->in[3] = e;
       r->iarg[0] = stride;
       r->iarg[1] = pad_hi;
       r->iarg[2] = pad_lo;
     }
   return y;
+}
+
+DfTensor *
+df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
+           int pad_lo, int pad_hi)
+{
+  return conv2d (g, x, w, b, NULL, stride, pad_lo, pad_hi);
+}
+
+DfTensor *
+df_conv2d_emb (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b,
+               DfTensor *e, int stride, int pad_lo, int pad_hi)
+{
+  g_return_val_if_fail (e != NULL, NULL);
+  return conv2d (g, x, w, b, e, stride, pad_lo, pad_hi);
 }
 
 /* ---- group norm ---- */

@@ -76,6 +76,11 @@ void       df_graph_backward       (DfGraph *g);
  * for downsample_padding 0); Ho = (H + pad_lo + pad_hi - k) / stride + 1. */
 DfTensor  *df_conv2d        (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b,
                              int stride, int pad_lo, int pad_hi);
+/* df_add_channel (g, df_conv2d (g, x, w, b, ...), e) in one op: e [N,Co]
+ * added to every position of its sample's channel, after the bias (the
+ * same values), without the convolution's own output in memory. */
+DfTensor  *df_conv2d_emb    (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b,
+                             DfTensor *e, int stride, int pad_lo, int pad_hi);
 /* x [N,C,...] -> same; gamma, beta [C]. */
 DfTensor  *df_group_norm    (DfGraph *g, DfTensor *x, DfTensor *gamma,
                              DfTensor *beta, int groups, float eps);

@@ -989,9 +989,8 @@ resnet_forward (DfUNet *net, DfGraph *g, Resnet *r, DfTensor *x,
 
   /* h = conv1 (silu (norm1 (x))) + time_emb_proj (silu (temb)) */
   h = df_group_norm_silu (g, x, r->norm1.w, r->norm1.b, groups, eps);
-  h = df_conv2d (g, h, r->conv1.w, r->conv1.b, 1, 1, 1);    /* [N,Co,H,W] */
   tp = df_linear (g, semb, r->time_emb_proj.w, r->time_emb_proj.b);
-  h = df_add_channel (g, h, tp);
+  h = df_conv2d_emb (g, h, r->conv1.w, r->conv1.b, tp, 1, 1, 1); /* [N,Co,H,W] */
 
   /* h = conv2 (silu (norm2 (h))); dropout is 0 */
   h = df_group_norm_silu (g, h, r->norm2.w, r->norm2.b, groups, eps);

@@ -257,6 +257,37 @@ conv_case (Case *c, const ConvConf *f)
   c->pad_hi = f->ph;
 }
 
+/* A convolution with a per-sample channel term: t[3] [N,Co]. */
+static DfTensor *
+build_conv_emb (DfGraph *g, Case *c)
+{
+  return df_conv2d_emb (g, c->t[0], c->t[1], c->t[2], c->t[3], c->stride,
+                        c->pad_lo, c->pad_hi);
+}
+
+static DfTensor *
+build_conv_then_emb (DfGraph *g, Case *c)
+{
+  return df_add_channel (g, df_conv2d (g, c->t[0], c->t[1], c->t[2],
+                                       c->stride, c->pad_lo, c->pad_hi),
+                         c->t[3]);
+}
+
+/* The same with the batched tensors first: x, e, w, b. */
+static DfTensor *
+build_conv_emb_batched_first (DfGraph *g, Case *c)
+{
+  return df_conv2d_emb (g, c->t[0], c->t[2], c->t[3], c->t[1], 1, 1, 1);
+}
+
+static void
+conv_emb_case (Case *c, const ConvConf *f)
+{
+  conv_case (c, f);
+  g_assert_cmpint (c->n_t, ==, 3);
+  c->t[c->n_t++] = random_nd (2, f->n, f->co, 0);
+}
+
 /* Whether f's convolution takes the Winograd form (ops.c's conv_winograd);
  * check_winograd_gemms then checks that it did. */
 static gboolean
@@ -1273,7 +1304,7 @@ slice_sample (const DfTensor *t, int s)
 }
 
 /* The invariance cases are large enough that OpenMP and OpenBLAS split. */
-#define N_INV_CASES 14
+#define N_INV_CASES 15
 static void
 inv_cases (InvCase *cases, int *n)
 {
@@ -1334,6 +1365,17 @@ inv_cases (InvCase *cases, int *n)
   k->build = build_group_norm_silu;
   group_norm_case (&k->c, 3, 32, 16, 16, 8);
   k->n_batched = 1;
+
+  k = &cases[(*n)++];
+  k->name = "conv 3x3 Winograd + channel term";
+  k->build = build_conv_emb_batched_first;
+  memset (&k->c, 0, sizeof k->c);
+  k->c.t[0] = random_4d (3, 8, 14, 14);
+  k->c.t[1] = random_nd (2, 3, 12, 0);
+  k->c.t[2] = random_4d (12, 8, 3, 3);
+  k->c.t[3] = random_nd (1, 12, 0, 0);
+  k->c.n_t = 4;
+  k->n_batched = 2;
 
   k = &cases[(*n)++];
   k->name = "conv 5x5, shifted form";
@@ -1405,6 +1447,43 @@ test_group_norm_silu_same (void)
   inv_free (&apart);
   g_free (seed);
   case_free (&c);
+}
+
+/* The fused convolution + channel term against the two ops it replaces:
+ * the same bits forward and backward, in the Winograd and direct forms;
+ * and its gradient by differences. */
+static void
+test_conv_emb (void)
+{
+  static const ConvConf confs[] = {
+    { 3, 4, 7, 9, 5, 3, 1, 1, 1, TRUE },   /* Winograd */
+    { 2, 3, 5, 5, 4, 3, 1, 1, 1, TRUE },   /* direct, rows under 7 */
+    { 2, 3, 6, 6, 4, 1, 1, 0, 0, TRUE },   /* 1x1 */
+    { 2, 3, 8, 8, 4, 3, 2, 0, 1, TRUE },   /* stride 2 */
+  };
+
+  for (guint i = 0; i < G_N_ELEMENTS (confs); i++)
+    {
+      Case c;
+      DfGraph *probe = df_graph_new (FALSE);
+      InvResult fused, apart;
+      float *seed;
+
+      conv_emb_case (&c, &confs[i]);
+      seed = random_seed (build_conv (probe, &c)->size);
+      df_graph_free (probe);
+      fused = inv_run (&c, build_conv_emb, 1, seed);
+      apart = inv_run (&c, build_conv_then_emb, 1, seed);
+      g_assert_cmpmem (fused.y, fused.ny * 4, apart.y, apart.ny * 4);
+      for (int t = 0; t < c.n_t; t++)
+        g_assert_cmpmem (fused.gx[t], c.t[t]->size * 4, apart.gx[t],
+                         c.t[t]->size * 4);
+      inv_free (&fused);
+      inv_free (&apart);
+      g_free (seed);
+      assert_grad ("conv + channel term", &c, build_conv_emb);
+      case_free (&c);
+    }
 }
 
 static void
@@ -1499,6 +1578,7 @@ main (int argc, char **argv)
 
   g_test_add_func ("/engine/ops/conv2d/forward", test_conv_forward);
   g_test_add_func ("/engine/ops/conv2d/grad", test_conv_grad);
+  g_test_add_func ("/engine/ops/conv2d/emb", test_conv_emb);
   g_test_add_func ("/engine/ops/group-norm/forward", test_group_norm_forward);
   g_test_add_func ("/engine/ops/group-norm/grad", test_group_norm_grad);
   g_test_add_func ("/engine/ops/group-norm/silu-forward",
