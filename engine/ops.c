@@ -692,13 +692,25 @@ wino_input (const Wino *wi, const float *restrict xs, int c0, int c1, int a0,
 }
 
 /* y[0, w) (+)= the even and odd outputs of a row's tiles interleaved (the
- * last odd one dropped when w is odd). */
+ * last odd one dropped when w is odd); with res, y = res + them instead. */
 static inline void
-wino_put_row (float *restrict y, const float *restrict even,
-              const float *restrict odd, int w, gboolean add)
+wino_put_row (float *restrict y, const float *restrict res,
+              const float *restrict even, const float *restrict odd, int w,
+              gboolean add)
 {
   int pairs = w / 2;
 
+  if (res != NULL)
+    {
+      for (int b = 0; b < pairs; b++)
+        {
+          y[2 * b] = res[2 * b] + even[b];
+          y[2 * b + 1] = res[2 * b + 1] + odd[b];
+        }
+      if (w % 2 != 0)
+        y[w - 1] = res[w - 1] + even[pairs];
+      return;
+    }
   if (add)
     for (int b = 0; b < pairs; b++)
       {
@@ -717,8 +729,17 @@ wino_put_row (float *restrict y, const float *restrict even,
     y[w - 1] = even[pairs];
 }
 
-/* ys[o, rows 2a..2a+1] (+)= A^T M[., o, t0 + tiles of row a] A (+ bias[o])
- * (+ emb[o], the sample's, added after the bias) for output channels [o0,
+/* What a convolution's output gets besides the convolution: bias [Co],
+ * emb [N,Co] per channel after it, res (the output's shape) added last
+ * (y = res + them), each NULL when none; or with add, y += the convolution
+ * alone. */
+typedef struct {
+  const float *bias, *emb, *res;
+  gboolean     add;
+} WinoOut;
+
+/* ys[o, rows 2a..2a+1] (+)= A^T M[., o, t0 + tiles of row a] A, + what out
+ * asks for sample s, for output channels [o0,
  * o1) and tile rows [a0, a1) of one sample,
  * without the outputs outside the image; M's rows are T floats long.  Per
  * channel the four outputs of every tile are computed over the band's tb
@@ -726,12 +747,15 @@ wino_put_row (float *restrict y, const float *restrict even,
  * interleaved into the rows.  q: wino_rows floats. */
 DF_HOT static void
 wino_output (const Wino *wi, const float *restrict m, gsize T, gsize t0,
-             int o0, int o1, int a0, int a1, const float *bias,
-             const float *emb, gboolean add, float *restrict ys,
-             float *restrict q)
+             int o0, int o1, int a0, int a1, const WinoOut *out, int s,
+             float *restrict y, float *restrict q)
 {
   int tw = wi->tw, tb = (a1 - a0) * tw;
   gsize ct = (gsize) wi->co * T;
+  const float *bias = out->bias;
+  const float *emb = out->emb != NULL ? out->emb + (gsize) s * wi->co : NULL;
+  const float *res = out->res != NULL ? out->res + s * wi->y_sample : NULL;
+  float *restrict ys = y + s * wi->y_sample;
   float *restrict q00 = q, *restrict q01 = q + tb;
   float *restrict q10 = q + 2 * tb, *restrict q11 = q + 3 * tb;
 
@@ -772,9 +796,12 @@ wino_output (const Wino *wi, const float *restrict m, gsize T, gsize t0,
           int ta = (a - a0) * tw;
           float *y0 = ys + o * wi->y_chan + (gsize) 2 * a * wi->w;
 
-          wino_put_row (y0, q00 + ta, q01 + ta, wi->w, add);
+          const float *r0 = res != NULL ? y0 - ys + res : NULL;
+
+          wino_put_row (y0, r0, q00 + ta, q01 + ta, wi->w, out->add);
           if (2 * a + 1 < wi->h)
-            wino_put_row (y0 + wi->w, q10 + ta, q11 + ta, wi->w, add);
+            wino_put_row (y0 + wi->w, r0 != NULL ? r0 + wi->w : NULL,
+                          q10 + ta, q11 + ta, wi->w, out->add);
         }
     }
 }
@@ -800,8 +827,7 @@ wino_gemms (const Wino *wi, const float *u, const float *v, int T, int k0,
  * the same bits. */
 DF_HOT static void
 wino_run (const Wino *wi, const float *x, int n, const float *u,
-          const float *bias, const float *emb, gboolean add, float *y,
-          float *work)
+          const WinoOut *out, float *y, float *work)
 {
   gsize per_thread = wino_per_thread (wi);
   gsize rows_at = per_thread - wino_rows (wi);
@@ -820,9 +846,8 @@ wino_run (const Wino *wi, const float *x, int n, const float *u,
           wino_input (wi, x + s * wi->x_sample, 0, wi->ci, a0, a1, T, 0, v,
                       v + rows_at);
           wino_gemms (wi, u, v, T, 0, 16, m);
-          wino_output (wi, m, T, 0, 0, wi->co, a0, a1, bias,
-                       emb != NULL ? emb + (gsize) s * wi->co : NULL, add,
-                       y + s * wi->y_sample, v + rows_at);
+          wino_output (wi, m, T, 0, 0, wi->co, a0, a1, out, s, y,
+                       v + rows_at);
         }
       return;
     }
@@ -842,9 +867,7 @@ wino_run (const Wino *wi, const float *x, int n, const float *u,
         wino_gemms (wi, u, v, T, k, k + 1, m);
 #pragma omp parallel for schedule(static)
       for (int o = 0; o < wi->co; o++)
-        wino_output (wi, m, T, 0, o, o + 1, a0, a1, bias,
-                     emb != NULL ? emb + (gsize) s * wi->co : NULL, add,
-                     y + s * wi->y_sample,
+        wino_output (wi, m, T, 0, o, o + 1, a0, a1, out, s, y,
                      work + per_thread * omp_get_thread_num () + rows_at);
     }
 }
@@ -1229,7 +1252,9 @@ conv2d_backward_winograd (DfGraph *g, DfRecord *r, const ConvGeom *c)
   if (dx != NULL)
     {
       wino_weights (&wx, w->data, TRUE, work, work + cc16);
-      wino_run (&wx, dy, n, work, NULL, NULL, !fresh, dx, work + cc16);
+      WinoOut out = { NULL, NULL, NULL, !fresh };
+
+      wino_run (&wx, dy, n, work, &out, dx, work + cc16);
     }
 }
 
@@ -1239,6 +1264,23 @@ conv2d_backward (DfGraph *g, DfRecord *r)
   ConvGeom c;
 
   float *db = df_grad_or_null (r->in[2]), *de = df_grad_or_null (r->in[3]);
+  DfTensor *res = r->in[4];
+
+  /* The residual's gradient is dY itself, given first as df_add's
+   * backward would. */
+  if (res != NULL && res->requires_grad)
+    {
+      gboolean fresh;
+      float *dres = df_tensor_grad_fresh (res, &fresh);
+      const float *dy = r->out->grad;
+
+      if (fresh)
+        df_copy_floats (dres, dy, res->size);
+      else
+#pragma omp parallel for schedule(static) if (res->size > DF_PAR_MIN)
+        for (gsize i = 0; i < res->size; i++)
+          dres[i] += dy[i];
+    }
 
   blas_serial ();
   conv_geom (&c, r->in[0], r->in[1], r->iarg[0], r->iarg[2], r->iarg[1]);
@@ -1260,11 +1302,10 @@ conv2d_backward (DfGraph *g, DfRecord *r)
 }
 
 /* The forward of a "same" 3x3 convolution in Winograd form (see
- * conv_winograd) into y, + e [N,Co] per channel when not NULL. */
+ * conv_winograd) into y, with what out asks for. */
 static void
 conv2d_forward_winograd (DfGraph *g, const ConvGeom *c, const DfTensor *x,
-                         const DfTensor *w, const DfTensor *b,
-                         const DfTensor *e, DfTensor *y)
+                         const DfTensor *w, const WinoOut *out, DfTensor *y)
 {
   int n = x->shape[0];
   gsize cc16 = (gsize) 16 * c->co * c->ci;
@@ -1276,8 +1317,7 @@ conv2d_forward_winograd (DfGraph *g, const ConvGeom *c, const DfTensor *x,
   u = df_graph_workspace (g, cc16 + wino_per_thread (&wi)
                                     * omp_get_max_threads ());
   wino_weights (&wi, w->data, FALSE, u, u + cc16);
-  wino_run (&wi, x->data, n, u, b != NULL ? b->data : NULL,
-            e != NULL ? e->data : NULL, FALSE, y->data, u + cc16);
+  wino_run (&wi, x->data, n, u, out, y->data, u + cc16);
 }
 
 double
@@ -1302,7 +1342,7 @@ df_conv2d_scratch (int n, int ci, int co, int k, int s, int threads)
 
 DF_HOT static DfTensor *
 conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, DfTensor *e,
-        int stride, int pad_lo, int pad_hi)
+        DfTensor *res, int stride, int pad_lo, int pad_hi)
 {
   ConvGeom c;
   DfTensor *y;
@@ -1317,12 +1357,18 @@ conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, DfTensor *e,
   g_return_val_if_fail (b == NULL || (int) b->size == w->shape[0], NULL);
   g_return_val_if_fail (e == NULL || (e->ndim == 2 && e->shape[0] == x->shape[0]
                                       && e->shape[1] == w->shape[0]), NULL);
+  g_return_val_if_fail (res == NULL || (res->ndim == 4
+                                        && res->shape[0] == x->shape[0]
+                                        && res->shape[1] == w->shape[0]),
+                        NULL);
   g_return_val_if_fail (stride >= 1 && pad_lo >= 0 && pad_hi >= 0, NULL);
   g_return_val_if_fail (x->shape[2] + pad_lo + pad_hi >= w->shape[2]
                         && x->shape[3] + pad_lo + pad_hi >= w->shape[3], NULL);
 
   blas_serial ();
   conv_geom (&c, x, w, stride, pad_lo, pad_hi);
+  g_return_val_if_fail (res == NULL || (res->shape[2] == c.ho
+                                        && res->shape[3] == c.wo), NULL);
   pw = conv_pointwise (&c, pad_hi);
   n = x->shape[0];
   p = (gsize) c.ho * c.wo;
@@ -1336,7 +1382,10 @@ conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, DfTensor *e,
   y = df_graph_tensor_4d (g, n, c.co, c.ho, c.wo);
   if (!pw && conv_winograd (&c, pad_hi))
     {
-      conv2d_forward_winograd (g, &c, x, w, b, e, y);
+      WinoOut out = { b != NULL ? b->data : NULL, e != NULL ? e->data : NULL,
+                      res != NULL ? res->data : NULL, FALSE };
+
+      conv2d_forward_winograd (g, &c, x, w, &out, y);
       goto record;
     }
   shifted = !pw && conv_shifted (&c);
@@ -1388,10 +1437,18 @@ conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, DfTensor *e,
             ys[o * p + q] += b->data[o];
       if (e != NULL)
         conv_add_emb (ys, e->data + (gsize) s * c.co, c.co, t, p);
+      if (res != NULL)
+        {
+          const float *rs = res->data + (ys - y->data);
+
+          for (int o = 0; o < c.co; o++)
+            for (int q = 0; q < t; q++)
+              ys[o * p + q] = rs[o * p + q] + ys[o * p + q];
+        }
     }
 
 record:
-  if (df_graph_wants (g, x, w, b, e))
+  if (df_graph_wants (g, x, w, b, e) || df_graph_wants (g, res, NULL, NULL, NULL))
     {
       DfRecord *r = df_graph_push (g, conv2d_backward, y);
 
@@ -1399,6 +1456,7 @@ record:
       r->in[1] = w;
       r->in[2] = b;
       r->in[3] = e;
+      r->in[4] = res;
       r->iarg[0] = stride;
       r->iarg[1] = pad_hi;
       r->iarg[2] = pad_lo;
@@ -1410,7 +1468,7 @@ DfTensor *
 df_conv2d (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b, int stride,
            int pad_lo, int pad_hi)
 {
-  return conv2d (g, x, w, b, NULL, stride, pad_lo, pad_hi);
+  return conv2d (g, x, w, b, NULL, NULL, stride, pad_lo, pad_hi);
 }
 
 DfTensor *
@@ -1418,7 +1476,15 @@ df_conv2d_emb (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b,
                DfTensor *e, int stride, int pad_lo, int pad_hi)
 {
   g_return_val_if_fail (e != NULL, NULL);
-  return conv2d (g, x, w, b, e, stride, pad_lo, pad_hi);
+  return conv2d (g, x, w, b, e, NULL, stride, pad_lo, pad_hi);
+}
+
+DfTensor *
+df_conv2d_add (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b,
+               DfTensor *res, int stride, int pad_lo, int pad_hi)
+{
+  g_return_val_if_fail (res != NULL, NULL);
+  return conv2d (g, x, w, b, NULL, res, stride, pad_lo, pad_hi);
 }
 
 /* ---- group norm ---- */

@@ -14,7 +14,7 @@ typedef struct _DfRecord DfRecord;
 
 typedef void (*DfBackwardFunc) (DfGraph *g, DfRecord *r);
 
-#define DF_RECORD_INPUTS 4
+#define DF_RECORD_INPUTS 5
 
 /* One recorded operation: its output, its inputs (tensors or parameters)
  * and whatever small state its backward needs. */
@@ -120,6 +120,9 @@ df_silu_slope (float x)
 #else
 #define DF_HOT
 #endif
+
+/* dst = src, in blocks spread over the threads (tensor.c). */
+void df_copy_floats (float *dst, const float *src, gsize n);
 
 /* Sum of a[0 .. n) in double over 8 interleaved lanes (ops.c): the order
  * depends on n only. */

@@ -152,9 +152,8 @@ df_tensor_grad (DfTensor *t)
   return t->grad;
 }
 
-/* dst = src, in blocks spread over the threads. */
-static void
-copy_floats (float *dst, const float *src, gsize n)
+void
+df_copy_floats (float *dst, const float *src, gsize n)
 {
   gsize blocks = (n + DF_PAR_MIN - 1) / DF_PAR_MIN;
 
@@ -373,7 +372,7 @@ add_backward (DfGraph *g, DfRecord *r)
       if (dx == NULL)
         continue;
       if (fresh)
-        copy_floats (dx, dy, n);
+        df_copy_floats (dx, dy, n);
       else
 #pragma omp parallel for schedule(static) if (n > DF_PAR_MIN)
         for (gsize i = 0; i < n; i++)
@@ -456,7 +455,7 @@ add_channel_backward (DfGraph *g, DfRecord *r)
   gsize s = r->out->size / nc;
 
   if (dx != NULL && fresh)
-    copy_floats (dx, dy, r->out->size);
+    df_copy_floats (dx, dy, r->out->size);
   else if (dx != NULL)
     {
 #pragma omp parallel for schedule(static) if (r->out->size > DF_PAR_MIN)

@@ -81,6 +81,12 @@ DfTensor  *df_conv2d        (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b,
  * same values), without the convolution's own output in memory. */
 DfTensor  *df_conv2d_emb    (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b,
                              DfTensor *e, int stride, int pad_lo, int pad_hi);
+/* df_add (g, res, df_conv2d (g, x, w, b, ...)) in one op: res has the
+ * output's shape (the same values, without the convolution's own output
+ * in memory). */
+DfTensor  *df_conv2d_add    (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b,
+                             DfTensor *res, int stride, int pad_lo,
+                             int pad_hi);
 /* x [N,C,...] -> same; gamma, beta [C]. */
 DfTensor  *df_group_norm    (DfGraph *g, DfTensor *x, DfTensor *gamma,
                              DfTensor *beta, int groups, float eps);

@@ -1392,13 +1392,13 @@ attn_p (int c)
 }
 
 /* Floats of the outputs a resnet records for one sample at hw pixels:
- * silu (norm1) (cin), conv1 + temb, silu (norm2), conv2, the shortcut,
- * the sum and its rescale (cout); attention: norm, tokens, q, k, v, the
+ * silu (norm1) (cin), conv1 + temb, silu (norm2), the shortcut, conv2 +
+ * the shortcut and its rescale (cout); attention: norm, tokens, q, k, v, the
  * attention, to_out, the image, the sum and its rescale. */
 static double
 resnet_f (int cin, int cout, double hw)
 {
-  return hw * (cin + 6.0 * cout);
+  return hw * (cin + 5.0 * cout);
 }
 
 static double

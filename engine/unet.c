@@ -992,15 +992,13 @@ resnet_forward (DfUNet *net, DfGraph *g, Resnet *r, DfTensor *x,
   tp = df_linear (g, semb, r->time_emb_proj.w, r->time_emb_proj.b);
   h = df_conv2d_emb (g, h, r->conv1.w, r->conv1.b, tp, 1, 1, 1); /* [N,Co,H,W] */
 
-  /* h = conv2 (silu (norm2 (h))); dropout is 0 */
+  /* (shortcut (x) + conv2 (silu (norm2 (h)))) / output_scale_factor;
+   * dropout is 0 */
   h = df_group_norm_silu (g, h, r->norm2.w, r->norm2.b, groups, eps);
-  h = df_conv2d (g, h, r->conv2.w, r->conv2.b, 1, 1, 1);
-
-  /* (shortcut (x) + h) / output_scale_factor */
   skip = r->conv_shortcut.w != NULL
          ? df_conv2d (g, x, r->conv_shortcut.w, r->conv_shortcut.b, 1, 0, 0)
          : x;
-  y = df_add (g, skip, h);
+  y = df_conv2d_add (g, h, r->conv2.w, r->conv2.b, skip, 1, 1, 1);
   if (r->inv_scale != 1.0f)
     y = df_scale (g, y, r->inv_scale);
   return y;

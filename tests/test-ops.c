@@ -273,11 +273,47 @@ build_conv_then_emb (DfGraph *g, Case *c)
                          c->t[3]);
 }
 
+/* A convolution with a residual: t[3] has the output's shape. */
+static DfTensor *
+build_conv_add (DfGraph *g, Case *c)
+{
+  return df_conv2d_add (g, c->t[0], c->t[1], c->t[2], c->t[3], c->stride,
+                        c->pad_lo, c->pad_hi);
+}
+
+static DfTensor *
+build_conv_then_add (DfGraph *g, Case *c)
+{
+  return df_add (g, c->t[3], df_conv2d (g, c->t[0], c->t[1], c->t[2],
+                                        c->stride, c->pad_lo, c->pad_hi));
+}
+
+/* The residual is the input itself (a resnet without a shortcut conv). */
+static DfTensor *
+build_conv_add_self (DfGraph *g, Case *c)
+{
+  return df_conv2d_add (g, c->t[0], c->t[1], c->t[2], c->t[0], 1, 1, 1);
+}
+
+static DfTensor *
+build_conv_then_add_self (DfGraph *g, Case *c)
+{
+  return df_add (g, c->t[0], df_conv2d (g, c->t[0], c->t[1], c->t[2], 1, 1,
+                                        1));
+}
+
 /* The same with the batched tensors first: x, e, w, b. */
 static DfTensor *
 build_conv_emb_batched_first (DfGraph *g, Case *c)
 {
   return df_conv2d_emb (g, c->t[0], c->t[2], c->t[3], c->t[1], 1, 1, 1);
+}
+
+/* x, res, w, b. */
+static DfTensor *
+build_conv_add_batched_first (DfGraph *g, Case *c)
+{
+  return df_conv2d_add (g, c->t[0], c->t[2], c->t[3], c->t[1], 1, 1, 1);
 }
 
 static void
@@ -1304,7 +1340,7 @@ slice_sample (const DfTensor *t, int s)
 }
 
 /* The invariance cases are large enough that OpenMP and OpenBLAS split. */
-#define N_INV_CASES 15
+#define N_INV_CASES 16
 static void
 inv_cases (InvCase *cases, int *n)
 {
@@ -1372,6 +1408,17 @@ inv_cases (InvCase *cases, int *n)
   memset (&k->c, 0, sizeof k->c);
   k->c.t[0] = random_4d (3, 8, 14, 14);
   k->c.t[1] = random_nd (2, 3, 12, 0);
+  k->c.t[2] = random_4d (12, 8, 3, 3);
+  k->c.t[3] = random_nd (1, 12, 0, 0);
+  k->c.n_t = 4;
+  k->n_batched = 2;
+
+  k = &cases[(*n)++];
+  k->name = "conv 3x3 Winograd + residual";
+  k->build = build_conv_add_batched_first;
+  memset (&k->c, 0, sizeof k->c);
+  k->c.t[0] = random_4d (3, 8, 14, 14);
+  k->c.t[1] = random_4d (3, 12, 14, 14);
   k->c.t[2] = random_4d (12, 8, 3, 3);
   k->c.t[3] = random_nd (1, 12, 0, 0);
   k->c.n_t = 4;
@@ -1452,8 +1499,29 @@ test_group_norm_silu_same (void)
 /* The fused convolution + channel term against the two ops it replaces:
  * the same bits forward and backward, in the Winograd and direct forms;
  * and its gradient by differences. */
+/* Both fused forms against the ops they replace: the same bits. */
 static void
-test_conv_emb (void)
+assert_same_bits (Case *c, BuildFunc fused_build, BuildFunc apart_build)
+{
+  DfGraph *probe = df_graph_new (FALSE);
+  InvResult fused, apart;
+  float *seed;
+
+  seed = random_seed (apart_build (probe, c)->size);
+  df_graph_free (probe);
+  fused = inv_run (c, fused_build, 1, seed);
+  apart = inv_run (c, apart_build, 1, seed);
+  g_assert_cmpmem (fused.y, fused.ny * 4, apart.y, apart.ny * 4);
+  for (int t = 0; t < c->n_t; t++)
+    g_assert_cmpmem (fused.gx[t], c->t[t]->size * 4, apart.gx[t],
+                     c->t[t]->size * 4);
+  inv_free (&fused);
+  inv_free (&apart);
+  g_free (seed);
+}
+
+static void
+test_conv_fused (void)
 {
   static const ConvConf confs[] = {
     { 3, 4, 7, 9, 5, 3, 1, 1, 1, TRUE },   /* Winograd */
@@ -1464,26 +1532,34 @@ test_conv_emb (void)
 
   for (guint i = 0; i < G_N_ELEMENTS (confs); i++)
     {
-      Case c;
+      const ConvConf *f = &confs[i];
       DfGraph *probe = df_graph_new (FALSE);
-      InvResult fused, apart;
-      float *seed;
+      DfTensor *y;
+      Case c;
 
-      conv_emb_case (&c, &confs[i]);
-      seed = random_seed (build_conv (probe, &c)->size);
-      df_graph_free (probe);
-      fused = inv_run (&c, build_conv_emb, 1, seed);
-      apart = inv_run (&c, build_conv_then_emb, 1, seed);
-      g_assert_cmpmem (fused.y, fused.ny * 4, apart.y, apart.ny * 4);
-      for (int t = 0; t < c.n_t; t++)
-        g_assert_cmpmem (fused.gx[t], c.t[t]->size * 4, apart.gx[t],
-                         c.t[t]->size * 4);
-      inv_free (&fused);
-      inv_free (&apart);
-      g_free (seed);
+      conv_emb_case (&c, f);
+      assert_same_bits (&c, build_conv_emb, build_conv_then_emb);
       assert_grad ("conv + channel term", &c, build_conv_emb);
+
+      /* The residual, of the output's shape, in t[3]. */
+      y = build_conv (probe, &c);
+      df_tensor_free (c.t[3]);
+      c.t[3] = random_4d (y->shape[0], y->shape[1], y->shape[2], y->shape[3]);
+      df_graph_free (probe);
+      assert_same_bits (&c, build_conv_add, build_conv_then_add);
+      assert_grad ("conv + residual", &c, build_conv_add);
       case_free (&c);
     }
+
+  /* The residual is the convolution's own input. */
+  {
+    Case c;
+
+    conv_case (&c, &(ConvConf) { 2, 4, 8, 8, 4, 3, 1, 1, 1, TRUE });
+    assert_same_bits (&c, build_conv_add_self, build_conv_then_add_self);
+    assert_grad ("conv + its own input", &c, build_conv_add_self);
+    case_free (&c);
+  }
 }
 
 static void
@@ -1578,7 +1654,7 @@ main (int argc, char **argv)
 
   g_test_add_func ("/engine/ops/conv2d/forward", test_conv_forward);
   g_test_add_func ("/engine/ops/conv2d/grad", test_conv_grad);
-  g_test_add_func ("/engine/ops/conv2d/emb", test_conv_emb);
+  g_test_add_func ("/engine/ops/conv2d/fused", test_conv_fused);
   g_test_add_func ("/engine/ops/group-norm/forward", test_group_norm_forward);
   g_test_add_func ("/engine/ops/group-norm/grad", test_group_norm_grad);
   g_test_add_func ("/engine/ops/group-norm/silu-forward",
