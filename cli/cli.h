@@ -63,11 +63,13 @@ gboolean  cli_parse_interval(const char *what, const char *s, double *lo,
  * on schedule s: an interval (the option's text, or NULL if not given) at
  * free guidance scale 1, which is the conditional prediction everywhere,
  * and a given interval or scale whose interval holds none of the steps'
- * noise levels. */
+ * noise levels.  With neither given and the default interval holding none
+ * of them, sampling goes on conditionally; with note, a line on stderr
+ * says so. */
 gboolean  cli_check_guidance_acts (const DfSchedule *s,
                                    const DfSampleParams *p,
                                    const char *interval, gboolean scale_given,
-                                   GError **error);
+                                   gboolean note, GError **error);
 /* A class given as a name or an index, checked against the model. */
 gboolean  cli_parse_class   (DfModel *m, const char *s, int *label,
                              GError **error);

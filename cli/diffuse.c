@@ -355,7 +355,7 @@ check_model_options (const GenOptions *o, DfModel *m, DfSampleParams *p,
     }
 
   if (!cli_check_guidance_acts (df_model_schedule (m), p, o->interval,
-                                o->scale != CLI_DOUBLE_UNSET, error))
+                                o->scale != CLI_DOUBLE_UNSET, TRUE, error))
     {
       g_clear_pointer (classifier, df_model_free);
       return FALSE;

@@ -320,8 +320,9 @@ cli_eval (int argc, char **argv)
   p.steps = steps;
   p.guidance = DF_GUIDANCE_FREE;
   p.scale = scale;
+  /* Its report gives the guided steps ("0 of the N"): no note. */
   if (!cli_check_guidance_acts (df_model_schedule (m), &p, interval_str,
-                                scale_given, &error))
+                                scale_given, FALSE, &error))
     goto out;
   guided = df_sample_guided_steps (df_model_schedule (m), &p);
   feat = df_features_new (cls, &error);

@@ -173,7 +173,7 @@ cli_parse_interval (const char *what, const char *s, double *lo, double *hi,
 gboolean
 cli_check_guidance_acts (const DfSchedule *s, const DfSampleParams *p,
                          const char *interval, gboolean scale_given,
-                         GError **error)
+                         gboolean note, GError **error)
 {
   gboolean conditional = p->guidance == DF_GUIDANCE_FREE && p->scale == 1.0;
 
@@ -187,9 +187,19 @@ cli_check_guidance_acts (const DfSchedule *s, const DfSampleParams *p,
                    "or give another --guidance-scale", interval);
       return FALSE;
     }
-  if (conditional || !(interval || scale_given)
-      || df_sample_guided_steps (s, p) != 0)
+  if (conditional || df_sample_guided_steps (s, p) != 0)
     return TRUE;
+  if (!(interval || scale_given))
+    {
+      /* Nothing asked for explicitly: sample, but say why unguided. */
+      if (note)
+        g_printerr ("diffuse: note: none of the %d steps has a noise level in "
+                    "the default guidance interval (" DF_FREE_GUIDE_TEXT
+                    "], so the samples are conditional, not guided; "
+                    "--guidance-interval 0,inf guides every step\n",
+                    p->steps);
+      return TRUE;
+    }
   if (interval)
     g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
                  "--guidance-interval %s holds none of the %d steps' noise "

@@ -570,7 +570,18 @@ test_generate_guidance_interval (void)
   r = RUN (GENERATE1, "--model", gray_model, "--steps", "2", "--count", "1",
            "--class", "1", "--guidance-scale", "1", "--out", a, "--quiet");
   assert_ok (&r);
+  g_assert_cmpstr (r.err, ==, "");
   run_clear (&r);
+
+  /* The default scale at 2 steps, which the default interval leaves
+   * unguided: conditional samples (scale 1's), and a note that says so. */
+  r = RUN (GENERATE1, "--model", gray_model, "--steps", "2", "--count", "1",
+           "--class", "1", "--out", b, "--quiet");
+  assert_ok (&r);
+  g_assert_nonnull (strstr (r.err, "note: none of the 2 steps has a noise "
+                                   "level in the default guidance interval"));
+  run_clear (&r);
+  assert_same_file (a, b, "0000.png");
   g_free (a);
   g_free (b);
   g_free (c);
