@@ -100,10 +100,12 @@ check_sampling_options (const GenOptions *o, DfSampleParams *p, GError **error)
                    "DDIM, 1 is DDPM-like)", o->eta);
       return FALSE;
     }
-  if (scale_given && !isfinite (o->scale))
+  if (scale_given && !(o->scale >= 0 && o->scale <= DF_GUIDE_SCALE_MAX))
     {
       g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
-                   "--guidance-scale %g: give a finite number", o->scale);
+                   "--guidance-scale %g is out of range: use 0..%g (0 "
+                   "unconditional, 1 conditional, more guides harder)",
+                   o->scale, DF_GUIDE_SCALE_MAX);
       return FALSE;
     }
   if (o->out != NULL && o->out[0] == '\0')

@@ -240,7 +240,7 @@ cli_eval (int argc, char **argv)
       || (n_train != CLI_INT_UNSET && n_train < 2) || threads < 0
       || threads > DF_MAX_THREADS
       || n_test < 0 || n_test == 1
-      || !isfinite (scale))
+      || !(scale >= 0 && scale <= DF_GUIDE_SCALE_MAX))
     {
       g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID, "eval: %s",
                    count < 2 ? "--count: give at least 2 samples"
@@ -252,7 +252,8 @@ cli_eval (int argc, char **argv)
                    ? "--threads: give 0 (all cores) to " G_STRINGIFY (DF_MAX_THREADS)
                    : n_test < 0 || n_test == 1
                    ? "--test-count: give 0 (all) or at least 2"
-                   : "--guidance-scale: give a finite number");
+                   : "--guidance-scale: use 0..100 (0 unconditional, 1 "
+                     "conditional, more guides harder)");
       goto out;
     }
   if (seed_str && !cli_parse_u64 ("--seed", seed_str, &seed, &error))

@@ -58,6 +58,9 @@ typedef struct {
 #define DF_FREE_GUIDE_LO       0.28
 #define DF_FREE_GUIDE_HI       3.0
 #define DF_FREE_GUIDE_TEXT     "0.28,3"
+/* Guidance scales the CLI and the plug-in take: 0 (unconditional) to this;
+ * 1 is the conditional prediction, 3 the default. */
+#define DF_GUIDE_SCALE_MAX     100.0
 
 /* DDIM, 50 steps, eta 0, leading spacing, fixed_small, predicted x0 clipped
  * to [-1, 1] (images live there; diffusers' schedulers clip by default too:

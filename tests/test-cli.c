@@ -888,6 +888,12 @@ static const BadCase bad_cases[] = {
     "1000" },
   { "eta-negative", { "generate", "--model", "@gray", "--eta", "-1" }, "--eta" },
   { "eta-nan", { "generate", "--model", "@gray", "--eta", "nan" }, "--eta" },
+  { "guidance-scale-negative", { "generate", "--model", "@gray", "--class",
+                                 "1", "--guidance-scale", "-1" },
+    "--guidance-scale -1 is out of range: use 0..100" },
+  { "guidance-scale-above-100", { "interpolate", "--model", "@gray",
+                                  "--class", "1", "--guidance-scale", "101" },
+    "--guidance-scale 101 is out of range: use 0..100" },
   { "threads-too-many", { "generate", "--model", "@gray", "--threads", "100000" },
     "--threads" },
   { "count-zero", { "generate", "--model", "@gray", "--count", "0" }, "--count" },
@@ -2560,6 +2566,9 @@ test_eval_counts_above_data (void)
   r = run_eval (idx, NULL, "--test-count", "7");
   assert_one_line_error (&r, "--test-count 7: ");
   g_assert_nonnull (strstr (r.err, "holds 6 test images"));
+  run_clear (&r);
+  r = run_eval (idx, NULL, "--guidance-scale", "-2");
+  assert_one_line_error (&r, "eval: --guidance-scale: use 0..100");
   run_clear (&r);
 
   /* Exactly what there is works, and so does the default 10000 (all 12). */

@@ -8,6 +8,8 @@
 
 #include <glib.h>
 
+#include "sampler.h"
+
 G_BEGIN_DECLS
 
 #define DF_PLUGIN_ERROR (df_plugin_error_quark ())
@@ -33,7 +35,7 @@ typedef enum {
 #define DF_MAX_STEPS  1000
 #define DF_MAX_COUNT  64
 #define DF_MAX_FRAMES 64
-#define DF_MAX_SCALE  100.0
+#define DF_MAX_SCALE  DF_GUIDE_SCALE_MAX
 
 typedef struct {
   gint32 kind;                          /* DfProcKind */
