@@ -952,7 +952,9 @@ wino_dy (const Wino *wi, const float *restrict dys, int a0, int a1, gsize T,
         }
 
       /* The 16 runs are kt floats apart, so never overlap. */
+#ifndef __clang__
 #pragma GCC ivdep
+#endif
       for (gsize l = 0; l < tb; l++)
         {
           float p = P[l], q = Q[l], r = R[l], z = Z[l];
@@ -1293,7 +1295,9 @@ conv2d_backward (DfGraph *g, DfRecord *r)
       return;
     }
 
-  if (df_grad_or_null (r->in[0]) == NULL && df_grad_or_null (r->in[1]) == NULL)
+  /* (Not df_grad_or_null, which would zero dx before the Winograd form
+   * could store into it fresh.) */
+  if (!r->in[0]->requires_grad && !r->in[1]->requires_grad)
     return;
   if (conv_winograd (&c, r->iarg[1]))
     conv2d_backward_winograd (g, r, &c);

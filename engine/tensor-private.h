@@ -107,13 +107,14 @@ df_silu_slope (float x)
 }
 
 /* The engine's loops are compiled for x86-64-v4 (AVX-512) and x86-64-v3
- * (AVX2, FMA) besides the baseline, and the CPU picks one as the program
+ * (AVX2) besides the baseline (SSE2), and the CPU picks one as the program
  * loads (GCC's target_clones, an ifunc): one binary runs on any x86-64 at
- * the speed of the machine it is on.  On one machine results are the same
- * bits whatever the batch and thread count; two machines may differ in the
- * last place. */
+ * the speed of the machine it is on.  The clones differ in vector width
+ * only (C11 mode contracts no multiply-add into an FMA), so they give the
+ * same bits; OpenBLAS's kernels are chosen per CPU and round as they
+ * do. */
 #if defined (__GNUC__) && !defined (__clang__) && defined (__x86_64__) \
-    && defined (__ELF__)
+    && defined (DF_HAVE_IFUNC)
 #define DF_HOT \
   __attribute__ ((target_clones ("arch=x86-64-v4", "arch=x86-64-v3", \
                                  "default")))

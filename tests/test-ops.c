@@ -240,6 +240,8 @@ static const ConvConf conv_confs[] = {
   { 2, 2, 8, 11, 3, 3, 1, 1, 1, TRUE },  /* Winograd, even h, odd w */
   { 19, 2, 7, 7, 3, 3, 1, 1, 1, TRUE },  /* Winograd dW, samples grouped */
   { 2, 2, 6, 6, 3, 3, 1, 1, 1, TRUE },   /* rows under 7: direct 3x3 */
+  { 2, 2, 3, 9, 3, 3, 1, 1, 1, TRUE },   /* Winograd, 3 rows of 9 */
+  { 1, 2, 1, 8, 2, 3, 1, 1, 1, FALSE },  /* Winograd, one row */
   { 1, 2, 16, 16, 3, 5, 1, 2, 2, TRUE }, /* 5x5, wide rows: shifted form */
 };
 
@@ -539,7 +541,6 @@ test_group_norm_silu_grad (void)
   assert_grad ("group norm + silu", &c, build_group_norm_silu);
   case_free (&c);
 }
-
 
 /* ---- linear ---- */
 
@@ -1496,9 +1497,6 @@ test_group_norm_silu_same (void)
   case_free (&c);
 }
 
-/* The fused convolution + channel term against the two ops it replaces:
- * the same bits forward and backward, in the Winograd and direct forms;
- * and its gradient by differences. */
 /* Both fused forms against the ops they replace: the same bits. */
 static void
 assert_same_bits (Case *c, BuildFunc fused_build, BuildFunc apart_build)
@@ -1520,6 +1518,9 @@ assert_same_bits (Case *c, BuildFunc fused_build, BuildFunc apart_build)
   g_free (seed);
 }
 
+/* The fused convolution + channel term and convolution + residual
+ * against the ops they replace: the same bits forward and backward, in the
+ * Winograd and direct forms; and their gradients by differences. */
 static void
 test_conv_fused (void)
 {
