@@ -523,7 +523,7 @@ df_safetensors_read_f32 (DfSafetensors *st, const char *name, int ndim,
       return FALSE;
     }
   if (e->ndim != ndim
-      || memcmp (e->shape, shape, ndim * sizeof (gint64)) != 0)
+      || (ndim > 0 && memcmp (e->shape, shape, ndim * sizeof (gint64)) != 0))
     {
       char *have = shape_string (e->ndim, e->shape);
       char *want = shape_string (ndim, shape);

@@ -83,8 +83,9 @@ df_expf (float x)
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
 
-  /* times 2^n, built in the exponent bits */
-  bits = ((gint32) n + 127) << 23;
+  /* times 2^n, built in the exponent bits (shifted unsigned: for a NaN x,
+   * whose result is NaN anyway, n + 127 is negative) */
+  bits = (gint32) ((guint32) ((gint32) n + 127) << 23);
   memcpy (&s, &bits, sizeof s);
   return p * s;
 }
