@@ -897,6 +897,26 @@ wino_dw_scratch (const Wino *wi, int n, int threads)
          + (gsize) n_runs * 16 * wi->co * wi->ci;
 }
 
+/* even[b] = x[2b], odd[b] = x[2b + 1] for the (w + 1) / 2 column pairs of
+ * a row x of w floats, 0 for the odd one past the end. */
+static inline void
+wino_split_row (const float *restrict x, int w, float *restrict even,
+                float *restrict odd)
+{
+  int pairs = w / 2;
+
+  for (int b = 0; b < pairs; b++)
+    {
+      even[b] = x[2 * b];
+      odd[b] = x[2 * b + 1];
+    }
+  if (w % 2 != 0)
+    {
+      even[pairs] = x[w - 1];
+      odd[pairs] = 0.0f;
+    }
+}
+
 /* E[k][o, t0 + t] = (A dY A^T)[k] for the tiles t of tile rows [a0, a1) of
  * one sample's dY (output gradient, at wi's y strides); E's rows are T
  * floats long.  A 2x2 tile [[p, q], [r, z]] (zeros outside the image) goes
@@ -908,7 +928,7 @@ DF_HOT static void
 wino_dy (const Wino *wi, const float *restrict dys, int a0, int a1, gsize T,
          gsize t0, float *restrict e, float *restrict pq)
 {
-  int tw = wi->tw, w = wi->w, pairs = w / 2;
+  int tw = wi->tw, w = wi->w;
   gsize tb = (gsize) (a1 - a0) * tw, kt = (gsize) wi->co * T;
   float *restrict P = pq, *restrict Q = P + tb;
   float *restrict R = Q + tb, *restrict Z = R + tb;
@@ -923,29 +943,9 @@ wino_dy (const Wino *wi, const float *restrict dys, int a0, int a1, gsize T,
           const float *d1 = d0 + w;
           gsize l = (gsize) (a - a0) * tw;
 
-          for (int b = 0; b < pairs; b++)
-            {
-              P[l + b] = d0[2 * b];
-              Q[l + b] = d0[2 * b + 1];
-            }
-          if (w % 2 != 0)
-            {
-              P[l + pairs] = d0[w - 1];
-              Q[l + pairs] = 0.0f;
-            }
+          wino_split_row (d0, w, P + l, Q + l);
           if (2 * a + 1 < wi->h)
-            {
-              for (int b = 0; b < pairs; b++)
-                {
-                  R[l + b] = d1[2 * b];
-                  Z[l + b] = d1[2 * b + 1];
-                }
-              if (w % 2 != 0)
-                {
-                  R[l + pairs] = d1[w - 1];
-                  Z[l + pairs] = 0.0f;
-                }
-            }
+            wino_split_row (d1, w, R + l, Z + l);
           else
             for (int b = 0; b < tw; b++)
               R[l + b] = Z[l + b] = 0.0f;
