@@ -608,11 +608,10 @@ wino_weights (const Wino *wi, const float *w, gboolean flip, float *u,
  * tile rows [a0, a1), d the 4x4 patch at tile t of the input xs (one
  * sample) padded; V's rows are T floats long.  Columns first: each padded
  * row's 4 column combinations of every tile, into ct [2][4][band + 1][tw]
- * by even and odd rows; a patch's
- * rows are then rows a and a + 1 of the even and odd ones, so each of the
- * 16 results is a difference of two runs of ct, tw floats apart, over all
- * the band's tiles at once (runs that vectorise even at 4 tiles a row).
- * ct: wino_rows floats. */
+ * by even and odd rows; a patch's rows are then rows a and a + 1 of the
+ * even and odd ones, so each of the 16 results is a difference of two runs
+ * of ct, tw floats apart, over all the band's tiles at once (runs that
+ * vectorise even at 4 tiles a row).  ct: wino_rows floats. */
 DF_HOT static void
 wino_input (const Wino *wi, const float *restrict xs, int c0, int c1, int a0,
             int a1, gsize T, gsize t0, float *restrict v,
