@@ -571,6 +571,24 @@ cli_train (int argc, char **argv)
                           &error);
   if (data == NULL)
     goto out;
+  /* The class count comes from the data; a --config that gives another
+   * one was written for other data. */
+  {
+    int want = classifier ? data->num_classes : data->num_classes + 1;
+    int given = classifier ? cfg.classifier_classes : cfg.num_class_embeds;
+
+    if (given > 0 && given != want)
+      {
+        g_set_error (&error, CLI_ERROR, CLI_ERROR_INVALID,
+                     "--config %s: %s is %d, but %s has %d classes%s: give "
+                     "%d, or leave the key out (the data sets it)", a.config,
+                     classifier ? "classifier_classes" : "num_class_embeds",
+                     given, a.data, data->num_classes,
+                     classifier ? "" : " (and the unconditional label)",
+                     want);
+        goto out;
+      }
+  }
   if (classifier)
     {
       cfg.classifier_classes = data->num_classes;

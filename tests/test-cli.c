@@ -1317,6 +1317,59 @@ test_train_and_eval (void)
   g_free (plot);
 }
 
+/* A --config whose class count is another data set's is refused; the
+ * data's own count (3 classes + the unconditional label) is taken. */
+static void
+test_train_config_classes (void)
+{
+  char *data = write_image_folder ();
+  char *dir = new_dir ("train-config");
+  char *out = g_build_filename (dir, "w.safetensors", NULL);
+  char *json = g_build_filename (dir, "unet.json", NULL);
+  DfUNetConfig cfg;
+  GError *error = NULL;
+  Run r;
+
+  for (int classes = 11; classes >= 4; classes -= 7)
+    {
+      JsonGenerator *gen = json_generator_new ();
+      JsonNode *node;
+
+      df_unet_config_init (&cfg);
+      cfg.sample_size = 8;
+      cfg.in_channels = cfg.out_channels = 3;
+      cfg.n_blocks = 2;
+      cfg.block_out_channels[0] = cfg.block_out_channels[1] = 4;
+      cfg.norm_num_groups = 2;
+      cfg.attention_head_dim = 4;
+      cfg.num_class_embeds = classes;
+      node = df_unet_config_to_json (&cfg);
+      json_generator_set_root (gen, node);
+      g_assert_true (json_generator_to_file (gen, json, &error));
+      g_assert_no_error (error);
+      json_node_unref (node);
+      g_object_unref (gen);
+
+      r = RUN (TRAIN1, "--data", data, "--config", json, "--steps", "1",
+               "--batch", "2", "--out", out, "--quiet");
+      if (classes == 11)
+        {
+          assert_one_line_error (&r, "--config ");
+          g_assert_nonnull (strstr (r.err, "num_class_embeds is 11, but "));
+          g_assert_nonnull (strstr (r.err, "has 3 classes (and the "
+                                           "unconditional label): give 4"));
+          g_assert_false (g_file_test (out, G_FILE_TEST_EXISTS));
+        }
+      else
+        assert_ok (&r);
+      run_clear (&r);
+    }
+  g_free (json);
+  g_free (out);
+  g_free (dir);
+  g_free (data);
+}
+
 static void
 test_train_bad (void)
 {
@@ -2801,6 +2854,8 @@ main (int argc, char **argv)
   g_test_add_func ("/engine/cli/train/interrupted-keeps-work",
                    test_train_interrupted);
   g_test_add_func ("/engine/cli/train/bad-input", test_train_bad);
+  g_test_add_func ("/engine/cli/train/config-classes",
+                   test_train_config_classes);
   g_test_add_func ("/engine/cli/train/write-error-names-the-file",
                    test_train_write_error_names_the_file);
   g_test_add_func ("/engine/cli/train/output-files-checked-first",
