@@ -70,6 +70,9 @@ gboolean  cli_check_guidance_acts (const DfSchedule *s,
                                    const DfSampleParams *p,
                                    const char *interval, gboolean scale_given,
                                    gboolean note, GError **error);
+/* path is a folder (for option), or an error that says what it is. */
+gboolean  cli_check_folder  (const char *option, const char *path,
+                             GError **error);
 /* A class given as a name or an index, checked against the model. */
 gboolean  cli_parse_class   (DfModel *m, const char *s, int *label,
                              GError **error);

@@ -89,18 +89,9 @@ check_data (const char *data_dir, const char *test_dir, GError **error)
 {
   gboolean idx;
 
-  if (!g_file_test (data_dir, G_FILE_TEST_IS_DIR))
-    {
-      g_set_error (error, CLI_ERROR, CLI_ERROR_IO, "--data %s: no such folder",
-                   data_dir);
-      return FALSE;
-    }
-  if (test_dir && !g_file_test (test_dir, G_FILE_TEST_IS_DIR))
-    {
-      g_set_error (error, CLI_ERROR, CLI_ERROR_IO,
-                   "--test-data %s: no such folder", test_dir);
-      return FALSE;
-    }
+  if (!cli_check_folder ("--data", data_dir, error)
+      || (test_dir && !cli_check_folder ("--test-data", test_dir, error)))
+    return FALSE;
   idx = cli_is_idx_folder (data_dir, "train");
   if (test_dir == NULL && !idx)
     {

@@ -540,12 +540,8 @@ cli_train (int argc, char **argv)
                    "--plot draws the loss log: give --log CSV too");
       goto out;
     }
-  if (!g_file_test (a.data, G_FILE_TEST_IS_DIR))
-    {
-      g_set_error (&error, CLI_ERROR, CLI_ERROR_IO,
-                   "--data %s: no such folder", a.data);
-      goto out;
-    }
+  if (!cli_check_folder ("--data", a.data, &error))
+    goto out;
   if (!cli_check_output_file ("--out", a.out, &error)
       || !cli_check_output_file ("--checkpoint", a.checkpoint, &error)
       || !cli_check_output_file ("--log", a.log, &error)

@@ -216,6 +216,18 @@ cli_check_guidance_acts (const DfSchedule *s, const DfSampleParams *p,
 }
 
 gboolean
+cli_check_folder (const char *option, const char *path, GError **error)
+{
+  if (g_file_test (path, G_FILE_TEST_IS_DIR))
+    return TRUE;
+  g_set_error (error, CLI_ERROR, CLI_ERROR_IO,
+               g_file_test (path, G_FILE_TEST_EXISTS)
+               ? "%s %s is a file: give a folder"
+               : "%s %s: no such folder", option, path);
+  return FALSE;
+}
+
+gboolean
 cli_parse_class (DfModel *m, const char *s, int *label, GError **error)
 {
   int k = df_model_num_classes (m), found;

@@ -517,9 +517,10 @@ df_trainer_step (DfTrainer *t, double *loss, GError **error)
       char *how = diverged_hint (t);
 
       g_set_error (error, DF_TRAIN_ERROR, DF_TRAIN_ERROR_INVALID,
-                   "the loss is %g at step %d: training diverged; %s with a "
-                   "lower learning rate or gradient clipping", value,
-                   t->step + 1, how);
+                   "the loss is %s at step %d: training diverged; %s with a "
+                   "lower learning rate or gradient clipping",
+                   isnan (value) ? "not a number" : "infinite", t->step + 1,
+                   how);
       g_free (how);
       return FALSE;
     }

@@ -1380,7 +1380,14 @@ test_train_bad (void)
 
   r = RUN ("train", "--data", nodata, "--out", out, "--quiet");
   assert_one_line_error (&r, "no-such-folder");
+  g_assert_nonnull (strstr (r.err, "no such folder"));
   run_clear (&r);
+  g_assert_true (g_file_set_contents (nodata, "", 0, NULL));
+  r = RUN ("train", "--data", nodata, "--out", out, "--quiet");
+  assert_one_line_error (&r, "--data ");
+  g_assert_nonnull (strstr (r.err, "no-such-folder is a file: give a folder"));
+  run_clear (&r);
+  g_assert_cmpint (g_unlink (nodata), ==, 0);
   r = RUN ("train", "--data", dir, "--steps", "0", "--out", out);
   assert_one_line_error (&r, "--steps");
   run_clear (&r);
