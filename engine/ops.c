@@ -1263,25 +1263,12 @@ static void
 conv2d_backward (DfGraph *g, DfRecord *r)
 {
   ConvGeom c;
-
   float *db = df_grad_or_null (r->in[2]), *de = df_grad_or_null (r->in[3]);
-  DfTensor *res = r->in[4];
 
   /* The residual's gradient is dY itself, given first as df_add's
    * backward would. */
-  if (res != NULL && res->requires_grad)
-    {
-      gboolean fresh;
-      float *dres = df_tensor_grad_fresh (res, &fresh);
-      const float *dy = r->out->grad;
-
-      if (fresh)
-        df_copy_floats (dres, dy, res->size);
-      else
-#pragma omp parallel for schedule(static) if (res->size > DF_PAR_MIN)
-        for (gsize i = 0; i < res->size; i++)
-          dres[i] += dy[i];
-    }
+  if (r->in[4] != NULL && r->in[4]->requires_grad)
+    df_grad_accumulate (r->in[4], r->out->grad);
 
   blas_serial ();
   conv_geom (&c, r->in[0], r->in[1], r->iarg[0], r->iarg[2], r->iarg[1]);

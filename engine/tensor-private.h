@@ -46,6 +46,10 @@ df_grad_or_null (DfTensor *t)
   return t != NULL && t->requires_grad ? df_tensor_grad (t) : NULL;
 }
 
+/* t->grad += g (t->size floats), stored instead where nothing has flowed
+ * into it yet this pass (tensor.c). */
+void df_grad_accumulate (DfTensor *t, const float *g);
+
 /* The same through df_tensor_grad_fresh. */
 static inline float *
 df_grad_fresh_or_null (DfTensor *t, gboolean *fresh)

@@ -177,6 +177,20 @@ df_tensor_grad_fresh (DfTensor *t, gboolean *fresh)
   return t->grad;
 }
 
+DF_HOT void
+df_grad_accumulate (DfTensor *t, const float *g)
+{
+  gboolean fresh;
+  float *d = df_tensor_grad_fresh (t, &fresh);
+
+  if (fresh)
+    df_copy_floats (d, g, t->size);
+  else
+#pragma omp parallel for schedule(static) if (t->size > DF_PAR_MIN)
+    for (gsize i = 0; i < t->size; i++)
+      d[i] += g[i];
+}
+
 void
 df_tensor_zero_grad (DfTensor *t)
 {
@@ -359,25 +373,11 @@ df_graph_backward (DfGraph *g)
 DF_HOT static void
 add_backward (DfGraph *g, DfRecord *r)
 {
-  const float *dy = r->out->grad;
-  gsize n = r->out->size;
-
   /* One input after the other: df_add (x, x) adds into what the first
    * wrote. */
   for (int k = 0; k < 2; k++)
-    {
-      gboolean fresh;
-      float *dx = df_grad_fresh_or_null (r->in[k], &fresh);
-
-      if (dx == NULL)
-        continue;
-      if (fresh)
-        df_copy_floats (dx, dy, n);
-      else
-#pragma omp parallel for schedule(static) if (n > DF_PAR_MIN)
-        for (gsize i = 0; i < n; i++)
-          dx[i] += dy[i];
-    }
+    if (r->in[k]->requires_grad)
+      df_grad_accumulate (r->in[k], r->out->grad);
 }
 
 DF_HOT DfTensor *
@@ -448,20 +448,13 @@ DF_HOT static void
 add_channel_backward (DfGraph *g, DfRecord *r)
 {
   const float *dy = r->out->grad;            /* [N,C,S] */
-  gboolean fresh;
-  float *dx = df_grad_fresh_or_null (r->in[0], &fresh);
-  float *de = df_grad_or_null (r->in[1]);    /* [N,C] */
+  float *de;                                 /* [N,C] */
   int nc = r->in[1]->shape[0] * r->in[1]->shape[1];
   gsize s = r->out->size / nc;
 
-  if (dx != NULL && fresh)
-    df_copy_floats (dx, dy, r->out->size);
-  else if (dx != NULL)
-    {
-#pragma omp parallel for schedule(static) if (r->out->size > DF_PAR_MIN)
-      for (gsize i = 0; i < r->out->size; i++)
-        dx[i] += dy[i];
-    }
+  if (r->in[0]->requires_grad)
+    df_grad_accumulate (r->in[0], dy);
+  de = df_grad_or_null (r->in[1]);
   if (de != NULL)
     {
 #pragma omp parallel for schedule(static) if (r->out->size > DF_PAR_MIN)
