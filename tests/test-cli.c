@@ -1198,6 +1198,29 @@ test_train_interrupted (void)
   g_free (plot);
 }
 
+/* eval of the models test_train_and_eval makes, 6 samples at steps steps
+ * against train floor images, with more arguments. */
+static Run
+run_eval_small (const char *unet, const char *cls, const char *data,
+                const char *test, const char *steps, const char *train,
+                const char *const *more)
+{
+  const char *args[24] = { EVAL1, "--model", unet, "--classifier", cls,
+                           "--data", data, "--test-data", test, "--count",
+                           "6", "--steps", steps, "--train-count", train,
+                           "--quiet" };
+  int n = 18;
+
+  for (int i = 0; more[i] != NULL && n < 23; i++)
+    args[n++] = more[i];
+  args[n] = NULL;
+  return run_argv (args);
+}
+
+#define EVAL_SMALL(steps, train, ...) \
+  run_eval_small (unet, cls, data, test, steps, train, \
+                  (const char *const[]) { __VA_ARGS__, NULL })
+
 static void
 test_train_and_eval (void)
 {
@@ -1255,9 +1278,7 @@ test_train_and_eval (void)
   g_assert_cmpint (df_model_num_classes (m), ==, 3);
   df_model_free (m);
 
-  r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,
-           "--test-data", test, "--count", "6", "--steps", "3",
-           "--train-count", "12", "--quiet");
+  r = EVAL_SMALL ("3", "12", NULL);
   assert_ok (&r);
   g_test_message ("%s", r.out);
   g_assert_nonnull (strstr (r.out, "accuracy: "));
@@ -1274,35 +1295,25 @@ test_train_and_eval (void)
                                    "steps)"));
   run_clear (&r);
 
-  r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,
-           "--test-data", test, "--count", "6", "--steps", "3",
-           "--train-count", "6", "--guidance-interval", "0,inf", "--quiet");
+  r = EVAL_SMALL ("3", "6", "--guidance-interval", "0,inf");
   assert_ok (&r);
   g_assert_nonnull (strstr (r.out, "scale 3 at every step, seed 0"));
   run_clear (&r);
-  r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,
-           "--test-data", test, "--count", "6", "--steps", "3",
-           "--train-count", "6", "--guidance-interval", "500,inf", "--quiet");
+  r = EVAL_SMALL ("3", "6", "--guidance-interval", "500,inf");
   assert_one_line_error (&r, "--guidance-interval 500,inf holds none of the "
                              "3 steps'");
   run_clear (&r);
-  r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,
-           "--test-data", test, "--count", "6", "--steps", "2",
-           "--train-count", "6", "--guidance-scale", "3", "--quiet");
+  r = EVAL_SMALL ("2", "6", "--guidance-scale", "3");
   assert_one_line_error (&r, "--guidance-scale 3 has no effect: none of the "
                              "2 steps");
   run_clear (&r);
-  r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,
-           "--test-data", test, "--count", "6", "--steps", "3",
-           "--train-count", "6", "--guidance-scale", "1",
-           "--guidance-interval", "0.5,2", "--quiet");
+  r = EVAL_SMALL ("3", "6", "--guidance-scale", "1", "--guidance-interval",
+                  "0.5,2");
   assert_one_line_error (&r, "--guidance-interval 0.5,2 has no effect at "
                              "guidance scale 1");
   run_clear (&r);
 
-  r = RUN (EVAL1, "--model", unet, "--classifier", cls, "--data", data,
-           "--test-data", test, "--count", "6", "--steps", "3",
-           "--train-count", "6", "--quiet");
+  r = EVAL_SMALL ("3", "6", NULL);
   assert_ok (&r);
   g_assert_nonnull (strstr (r.out, "(6 training images vs"));
   g_assert_null (strstr (r.out, "at the sample count"));
