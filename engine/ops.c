@@ -72,10 +72,40 @@ sum_f (const float *a, gsize n)
   return lanes_total (acc);
 }
 
+
+/* sum of (a[i] - m)^2 */
+DF_HOT static double
+sum_sq_dev (const float *a, gsize n, double m)
+{
+  double acc[SUM_LANES] = { 0 };
+  gsize i = 0;
+
+  for (; i + SUM_LANES <= n; i += SUM_LANES)
+    for (int l = 0; l < SUM_LANES; l++)
+      {
+        double d = a[i + l] - m;
+
+        acc[l] += d * d;
+      }
+  for (; i < n; i++)
+    {
+      double d = a[i] - m;
+
+      acc[i % SUM_LANES] += d * d;
+    }
+  return lanes_total (acc);
+}
+
 double
 df_sum_f (const float *a, gsize n)
 {
   return sum_f (a, n);
+}
+
+double
+df_sum_sq (const float *a, gsize n)
+{
+  return sum_sq_dev (a, n, 0.0);
 }
 
 /* ---- conv2d ---- */
@@ -1478,29 +1508,6 @@ df_conv2d_add (DfGraph *g, DfTensor *x, DfTensor *w, DfTensor *b,
 }
 
 /* ---- group norm ---- */
-
-/* sum of (a[i] - m)^2 */
-DF_HOT static double
-sum_sq_dev (const float *a, gsize n, double m)
-{
-  double acc[SUM_LANES] = { 0 };
-  gsize i = 0;
-
-  for (; i + SUM_LANES <= n; i += SUM_LANES)
-    for (int l = 0; l < SUM_LANES; l++)
-      {
-        double d = a[i + l] - m;
-
-        acc[l] += d * d;
-      }
-  for (; i < n; i++)
-    {
-      double d = a[i] - m;
-
-      acc[i % SUM_LANES] += d * d;
-    }
-  return lanes_total (acc);
-}
 
 /* *sd = sum of d[i], *sdx = sum of d[i] (x[i] - m) */
 DF_HOT static void

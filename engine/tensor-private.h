@@ -130,9 +130,10 @@ df_silu_slope (float x)
 /* dst = src, in blocks spread over the threads (tensor.c). */
 void df_copy_floats (float *dst, const float *src, gsize n);
 
-/* Sum of a[0 .. n) in double over 8 interleaved lanes (ops.c): the order
- * depends on n only. */
-double df_sum_f (const float *a, gsize n);
+/* Sums of a[0 .. n) and of its squares in double over 8 interleaved lanes
+ * (ops.c): the order depends on n only. */
+double df_sum_f  (const float *a, gsize n);
+double df_sum_sq (const float *a, gsize n);
 
 /* OpenMP only pays off past some work; results never depend on it. */
 #define DF_PAR_MIN 8192

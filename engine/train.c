@@ -441,23 +441,6 @@ diverged_hint (DfTrainer *t)
   return g_strdup ("start again");
 }
 
-/* Sum of g[i]^2 in double over 8 interleaved lanes, added in a fixed
- * order (a single chain of dependent adds is 8 times slower). */
-DF_HOT static double
-sum_sq (const float *g, gsize n)
-{
-  double acc[8] = { 0 };
-  gsize i = 0;
-
-  for (; i + 8 <= n; i += 8)
-    for (int l = 0; l < 8; l++)
-      acc[l] += (double) g[i + l] * g[i + l];
-  for (; i < n; i++)
-    acc[i % 8] += (double) g[i] * g[i];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3]))
-         + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-
 /* One step's AdamW constants (PyTorch's formulation), the EMA's and the
  * gradient's clipping scale. */
 typedef struct {
@@ -535,7 +518,7 @@ df_trainer_step (DfTrainer *t, double *loss, GError **error)
       double sq = 0;
 
       if (g != NULL)
-        sq = sum_sq (g + c->begin, c->end - c->begin);
+        sq = df_sum_sq (g + c->begin, c->end - c->begin);
       t->chunk_sq[k] = sq;
     }
   for (int k = 0; k < t->n_chunks; k++)
