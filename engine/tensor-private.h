@@ -46,6 +46,13 @@ df_grad_or_null (DfTensor *t)
   return t != NULL && t->requires_grad ? df_tensor_grad (t) : NULL;
 }
 
+/* t->grad for an operation that gives every element a value: *fresh is
+ * TRUE when nothing has flowed into it this pass, and then the buffer is
+ * not zeroed, for the caller to store into instead of adding (tensor.c).
+ * Ask before anything else takes t's grad: df_grad_or_null would zero it
+ * and make it not fresh. */
+float *df_tensor_grad_fresh (DfTensor *t, gboolean *fresh);
+
 /* t->grad += g (t->size floats), stored instead where nothing has flowed
  * into it yet this pass (tensor.c). */
 void df_grad_accumulate (DfTensor *t, const float *g);

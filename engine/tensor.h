@@ -49,10 +49,6 @@ void       df_tensor_free          (DfTensor *t);
 void       df_tensor_require_grad  (DfTensor *t);
 /* t->grad, zeroed if this is its first use since the last reset. */
 float     *df_tensor_grad          (DfTensor *t);
-/* t->grad for an operation that gives every element a value: *fresh is
- * TRUE when nothing has flowed into it this pass, and then the buffer is
- * not zeroed, for the caller to store into instead of adding. */
-float     *df_tensor_grad_fresh    (DfTensor *t, gboolean *fresh);
 void       df_tensor_zero_grad     (DfTensor *t);
 gboolean   df_tensor_same_shape    (const DfTensor *a, const DfTensor *b);
 
