@@ -1113,6 +1113,764 @@ wino_weight_grad (const Wino *wi, const float *x, const float *dy, int n,
     }
 }
 
+/* ---- Winograd F(4x4, 3x3) down the channels ----
+ *
+ * The "same" 3x3 convolutions of rows of 7 or more whose channels in and
+ * out come in blocks of 16 (all the UNet's but its first and last) take
+ * Lavin and Gray's F(4x4, 3x3) instead of the F(2x2, 3x3) above: 6x6
+ * patches to 4x4 output tiles, 36 products for 16 outputs, 2.25
+ * multiplies an output against F(2x2)'s 4 (and the direct form's 9).
+ *
+ *   B^T = | 4  0 -5  0  1  0 |   G = |  1/4    0     0   |
+ *         | 0 -4 -4  1  1  0 |       | -1/6  -1/6  -1/6  |
+ *         | 0  4 -4 -1  1  0 |       | -1/6   1/6  -1/6  |
+ *         | 0 -2 -1  2  1  0 |       |  1/24  1/12  1/6  |
+ *         | 0  2 -1 -2  1  0 |       |  1/24 -1/12  1/6  |
+ *         | 0  4  0 -5  0  1 |       |  0     0     1    |
+ *
+ *   A^T = | 1  1  1  1  1  0 |
+ *         | 0  1 -1  2 -2  0 |
+ *         | 0  1  1  4  4  0 |
+ *         | 0  1 -1  8 -8  1 |
+ *
+ * Its transforms run across the channels, 16 at a time: a sample is first
+ * laid out by pixel, [H][W][C] (16 x 16 transposes in registers), so that
+ * a tile's patch is 36 vectors of 16 channels and a transform is vector
+ * arithmetic alone, whatever the image's width.  V [36][T][Ci] (tile
+ * rows, channels) keeps that order, M[k] [T,Co] = V[k] U[k] with U
+ * [36][Ci][Co], and the outputs go back to [C][H][W] through the same
+ * transposes.  Transform k is 6 i + j: i down the patch, j across.
+ *
+ * A unit is a group of samples, W4_ROWS tiles or more on small images,
+ * whose GEMMs take one U[k] for all of them in turn (w4_gemms); with fewer
+ * units than threads, the threads share each unit by channel blocks and
+ * transforms instead, in the same order, so the same bits.  dW runs as
+ * the F(2x2) one does, in fixed runs of WINO_DW_SAMPLES samples summed in
+ * order.  The coefficients reach 8, so results are a few units in the
+ * last place further from the direct sum than F(2x2)'s. */
+
+#define W4_VL 16
+/* Tiles of a forward unit, at least: a 7 x 7 image has 4, and a unit's
+ * GEMMs by one U[k] in turn keep it in cache (36 of them are 2.4 MB at
+ * 128 channels). */
+#define W4_ROWS 32
+/* The same for dW, whose GEMMs sum over the tiles (K). */
+#define W4_DW_ROWS 64
+
+/* 16 floats; W4_AT (p) is the 16 floats at p, any alignment. */
+typedef float W4Vec __attribute__ ((vector_size (W4_VL * sizeof (float))));
+typedef float W4Mem __attribute__ ((vector_size (W4_VL * sizeof (float)),
+                                    aligned (sizeof (float)), may_alias));
+#define W4_AT(p) (*(W4Mem *) (p))
+
+#if defined(__clang__)
+#define W4_UNROLL _Pragma ("unroll")
+#elif defined(__GNUC__)
+#define W4_UNROLL _Pragma ("GCC unroll 16")
+#else
+#define W4_UNROLL
+#endif
+
+typedef struct {
+  int    ci, co;              /* channels in and out */
+  int    h, w;                /* output size = input size */
+  int    th, tw, tiles;       /* tile rows, columns: h / 4, w / 4 up */
+  int    group;               /* samples a unit */
+  int    T;                   /* tile rows of a unit: group x tiles */
+  int    hp, wp;              /* the laid-out input: 4 th + 2, 4 tw + 2 */
+  gsize  kv, km;              /* floats from V[k] (M[k]) to V[k + 1] */
+  gsize  x_sample, y_sample;  /* input and output sample strides */
+} Wino4;
+
+static gboolean
+conv_winograd4 (const ConvGeom *c, int pad_hi)
+{
+  return conv_winograd (c, pad_hi) && c->ci % W4_VL == 0
+         && c->co % W4_VL == 0;
+}
+
+/* rows floats apart, rounded up to an odd multiple of 16: 36 runs a
+ * multiple of 4 KiB apart would share the L1's sets. */
+static gsize
+w4_stride (gsize rows)
+{
+  return (rows / W4_VL) % 2 == 0 ? rows + W4_VL : rows;
+}
+
+/* A "same" 3x3 convolution ci -> co on h x w, in units of at least rows
+ * tile rows (or one sample), of max_group samples at most. */
+static void
+w4_init (Wino4 *wi, int ci, int co, int h, int w, int rows, int max_group)
+{
+  wi->ci = ci;
+  wi->co = co;
+  wi->h = h;
+  wi->w = w;
+  wi->th = (h + 3) / 4;
+  wi->tw = (w + 3) / 4;
+  wi->tiles = wi->th * wi->tw;
+  wi->group = CLAMP (rows / wi->tiles, 1, max_group);
+  wi->T = wi->group * wi->tiles;
+  wi->hp = 4 * wi->th + 2;
+  wi->wp = 4 * wi->tw + 2;
+  wi->kv = w4_stride ((gsize) wi->T * ci);
+  wi->km = w4_stride ((gsize) wi->T * co);
+  wi->x_sample = (gsize) ci * h * w;
+  wi->y_sample = (gsize) co * h * w;
+}
+
+/* Floats of a laid-out sample: the padded input, or the output tiles
+ * (or dY's, for dW). */
+static gsize
+w4_lay (const Wino4 *wi)
+{
+  return MAX ((gsize) wi->hp * wi->wp * wi->ci,
+              (gsize) 16 * wi->tiles * wi->co);
+}
+
+/* Floats of a thread's scratch: a laid-out sample, V and M (E for dW);
+ * at least 9 Co for w4_weights. */
+static gsize
+w4_per_thread (const Wino4 *wi)
+{
+  return w4_lay (wi) + 36 * (wi->kv + wi->km);
+}
+
+/* r[0..16) = its transpose: r[i][j] becomes r[j][i]. */
+static inline void
+w4_transpose (W4Vec *r)
+{
+  W4Vec t[16];
+
+  W4_UNROLL
+  for (int i = 0; i < 8; i++)
+    {
+      t[i] = __builtin_shufflevector (r[i], r[i + 8], 0, 1, 2, 3, 4, 5, 6,
+                                      7, 16, 17, 18, 19, 20, 21, 22, 23);
+      t[i + 8] = __builtin_shufflevector (r[i], r[i + 8], 8, 9, 10, 11, 12,
+                                          13, 14, 15, 24, 25, 26, 27, 28,
+                                          29, 30, 31);
+    }
+  W4_UNROLL
+  for (int b = 0; b < 16; b += 8)
+    W4_UNROLL
+    for (int i = b; i < b + 4; i++)
+      {
+        r[i] = __builtin_shufflevector (t[i], t[i + 4], 0, 1, 2, 3, 16, 17,
+                                        18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+        r[i + 4] = __builtin_shufflevector (t[i], t[i + 4], 4, 5, 6, 7, 20,
+                                            21, 22, 23, 12, 13, 14, 15, 28,
+                                            29, 30, 31);
+      }
+  W4_UNROLL
+  for (int b = 0; b < 16; b += 4)
+    W4_UNROLL
+    for (int i = b; i < b + 2; i++)
+      {
+        t[i] = __builtin_shufflevector (r[i], r[i + 2], 0, 1, 16, 17, 4, 5,
+                                        20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+        t[i + 2] = __builtin_shufflevector (r[i], r[i + 2], 2, 3, 18, 19, 6,
+                                            7, 22, 23, 10, 11, 26, 27, 14,
+                                            15, 30, 31);
+      }
+  W4_UNROLL
+  for (int b = 0; b < 16; b += 2)
+    {
+      r[b] = __builtin_shufflevector (t[b], t[b + 1], 0, 16, 2, 18, 4, 20, 6,
+                                      22, 8, 24, 10, 26, 12, 28, 14, 30);
+      r[b + 1] = __builtin_shufflevector (t[b], t[b + 1], 1, 17, 3, 19, 5,
+                                          21, 7, 23, 9, 25, 11, 27, 13, 29,
+                                          15, 31);
+    }
+}
+
+/* Where the 16 pixels from flat index p0 of a w-wide image go in a
+ * wp-wide layout of c channels, moved down and right by off. */
+static inline void
+w4_pixels (gsize p0, int w, int wp, int off, int c, gsize *at)
+{
+  gsize y = p0 / w, x = p0 % w;
+
+  for (int j = 0; j < 16; j++)
+    {
+      at[j] = ((y + off) * wp + x + off) * c;
+      if (++x == (gsize) w)
+        {
+          x = 0;
+          y++;
+        }
+    }
+}
+
+/* xt [hp][wp][C] = a sample x [C][h][w] for channels [c0, c1), pixel (y,
+ * x) at (y + off, x + off), zeros around it. */
+DF_HOT static void
+w4_layout (const float *restrict x, int C, int h, int w, int off, int hp,
+           int wp, int c0, int c1, float *restrict xt)
+{
+  gsize P = (gsize) h * w, p0 = 0, nc = (gsize) (c1 - c0) * sizeof (float);
+
+  for (int y = 0; y < hp; y++)
+    for (int xx = 0; xx < wp; xx++)
+      if (y < off || y >= h + off || xx < off || xx >= w + off)
+        memset (xt + ((gsize) y * wp + xx) * C + c0, 0, nc);
+
+  for (; p0 + 16 <= P; p0 += 16)
+    {
+      gsize at[16];
+
+      w4_pixels (p0, w, wp, off, C, at);
+      for (int c = c0; c < c1; c += W4_VL)
+        {
+          W4Vec r[16];
+
+          W4_UNROLL
+          for (int i = 0; i < 16; i++)
+            r[i] = W4_AT (x + (c + i) * P + p0);
+          w4_transpose (r);
+          W4_UNROLL
+          for (int j = 0; j < 16; j++)
+            W4_AT (xt + at[j] + c) = r[j];
+        }
+    }
+  for (; p0 < P; p0++)
+    {
+      gsize at = ((p0 / w + off) * wp + p0 % w + off) * C;
+
+      for (int c = c0; c < c1; c++)
+        xt[at + c] = x[c * P + p0];
+    }
+}
+
+/* One sample's outputs y [C][h][w] (channels [c0, c1)) from yt [4 th][4
+ * tw][C], the part outside the image dropped; y = res + them with res, y
+ * += them with add. */
+DF_HOT static void
+w4_unlayout (const Wino4 *wi, const float *restrict yt, int c0, int c1,
+             const float *restrict res, gboolean add, float *restrict y)
+{
+  int C = wi->co, w = wi->w;
+  gsize P = (gsize) wi->h * w, p0 = 0;
+
+  for (; p0 + 16 <= P; p0 += 16)
+    {
+      gsize at[16];
+
+      w4_pixels (p0, w, 4 * wi->tw, 0, C, at);
+      for (int c = c0; c < c1; c += W4_VL)
+        {
+          W4Vec r[16];
+
+          W4_UNROLL
+          for (int j = 0; j < 16; j++)
+            r[j] = W4_AT (yt + at[j] + c);
+          w4_transpose (r);
+          W4_UNROLL
+          for (int i = 0; i < 16; i++)
+            {
+              gsize q = (c + i) * P + p0;
+
+              if (res != NULL)
+                W4_AT (y + q) = W4_AT (res + q) + r[i];
+              else if (add)
+                W4_AT (y + q) = W4_AT (y + q) + r[i];
+              else
+                W4_AT (y + q) = r[i];
+            }
+        }
+    }
+  for (; p0 < P; p0++)
+    {
+      gsize at = ((p0 / w) * 4 * wi->tw + p0 % w) * C;
+
+      for (int c = c0; c < c1; c++)
+        {
+          gsize q = c * P + p0;
+
+          y[q] = res != NULL ? res[q] + yt[at + c]
+                 : add ? y[q] + yt[at + c] : yt[at + c];
+        }
+    }
+}
+
+/* B^T d of a patch's 6 rows (or columns) d, into o. */
+#define W4_BT(d, o) \
+  do { \
+      o[0] = 4.0f * d[0] - 5.0f * d[2] + d[4]; \
+      o[1] = -4.0f * (d[1] + d[2]) + (d[3] + d[4]); \
+      o[2] = 4.0f * (d[1] - d[2]) + (d[4] - d[3]); \
+      o[3] = 2.0f * (d[3] - d[1]) + (d[4] - d[2]); \
+      o[4] = 2.0f * (d[1] - d[3]) + (d[4] - d[2]); \
+      o[5] = 4.0f * d[1] - 5.0f * d[3] + d[5]; \
+  } while (0)
+
+/* V[k][t0 + t][c] = (B^T d B)[k] for channels [c0, c1) and the tiles t
+ * of a laid-out sample xt (w4_layout, off 1), d the 6x6 patch of tile t. */
+DF_HOT static void
+w4_input (const Wino4 *wi, const float *restrict xt, int c0, int c1,
+          gsize t0, float *restrict v)
+{
+  int C = wi->ci;
+  gsize rs = (gsize) wi->wp * C;
+
+  for (int ty = 0; ty < wi->th; ty++)
+    for (int tx = 0; tx < wi->tw; tx++)
+      {
+        gsize t = t0 + (gsize) ty * wi->tw + tx;
+        const float *p = xt + ((gsize) 4 * ty * wi->wp + 4 * tx) * C;
+
+        for (int c = c0; c < c1; c += W4_VL)
+          {
+            W4Vec u[6][6];
+
+            /* Down each column j of the patch, then across each row. */
+            W4_UNROLL
+            for (int j = 0; j < 6; j++)
+              {
+                W4Vec d[6], o[6];
+
+                W4_UNROLL
+                for (int i = 0; i < 6; i++)
+                  d[i] = W4_AT (p + i * rs + j * C + c);
+                W4_BT (d, o);
+                W4_UNROLL
+                for (int i = 0; i < 6; i++)
+                  u[i][j] = o[i];
+              }
+            W4_UNROLL
+            for (int i = 0; i < 6; i++)
+              {
+                W4Vec o[6];
+                float *vi = v + 6 * i * wi->kv + t * C + c;
+
+                W4_BT (u[i], o);
+                W4_UNROLL
+                for (int j = 0; j < 6; j++)
+                  W4_AT (vi + j * wi->kv) = o[j];
+              }
+          }
+      }
+}
+
+/* A^T m of 6 rows (or columns) m, into o. */
+#define W4_AT6(m, o) \
+  do { \
+      o[0] = m[0] + (m[1] + m[2]) + (m[3] + m[4]); \
+      o[1] = (m[1] - m[2]) + 2.0f * (m[3] - m[4]); \
+      o[2] = (m[1] + m[2]) + 4.0f * (m[3] + m[4]); \
+      o[3] = (m[1] - m[2]) + 8.0f * (m[3] - m[4]) + m[5]; \
+  } while (0)
+
+/* yt [4 th][4 tw][Co] = A^T M A (+ bias, + emb per channel) for output
+ * channels [o0, o1) of the tiles from t0 of M (one sample's); bias and
+ * emb may be NULL. */
+DF_HOT static void
+w4_output (const Wino4 *wi, const float *restrict m, gsize t0, int o0,
+           int o1, const float *bias, const float *emb, float *restrict yt)
+{
+  int C = wi->co, wo = 4 * wi->tw;
+
+  for (int ty = 0; ty < wi->th; ty++)
+    for (int tx = 0; tx < wi->tw; tx++)
+      {
+        gsize t = t0 + (gsize) ty * wi->tw + tx;
+
+        for (int o = o0; o < o1; o += W4_VL)
+          {
+            W4Vec s[4][6], bo = { 0 };
+
+            if (bias != NULL)
+              bo = W4_AT (bias + o);
+            W4_UNROLL
+            for (int j = 0; j < 6; j++)
+              {
+                W4Vec d[6], r[4];
+
+                W4_UNROLL
+                for (int i = 0; i < 6; i++)
+                  d[i] = W4_AT (m + (6 * i + j) * wi->km + t * C + o);
+                W4_AT6 (d, r);
+                W4_UNROLL
+                for (int i = 0; i < 4; i++)
+                  s[i][j] = r[i];
+              }
+            W4_UNROLL
+            for (int i = 0; i < 4; i++)
+              {
+                W4Vec r[4];
+                float *y = yt + ((gsize) (4 * ty + i) * wo + 4 * tx) * C + o;
+
+                W4_AT6 (s[i], r);
+                W4_UNROLL
+                for (int j = 0; j < 4; j++)
+                  {
+                    r[j] = r[j] + bo;
+                    if (emb != NULL)
+                      r[j] = r[j] + W4_AT (emb + o);
+                    W4_AT (y + j * C) = r[j];
+                  }
+              }
+          }
+      }
+}
+
+/* A y of a tile's 4 rows (or columns) y, into o: the forward's A^T
+ * transposed. */
+#define W4_A4(y, o) \
+  do { \
+      o[0] = y[0]; \
+      o[1] = (y[0] + y[2]) + (y[1] + y[3]); \
+      o[2] = (y[0] + y[2]) - (y[1] + y[3]); \
+      o[3] = (y[0] + 4.0f * y[2]) + 2.0f * (y[1] + 4.0f * y[3]); \
+      o[4] = (y[0] + 4.0f * y[2]) - 2.0f * (y[1] + 4.0f * y[3]); \
+      o[5] = y[3]; \
+  } while (0)
+
+/* E[k][t0 + t][o] = (A dY A^T)[k], the gradient of M, for channels [o0,
+ * o1) and the tiles t of a laid-out dY yt (w4_layout, off 0, 4 th by 4
+ * tw, zeros outside the image). */
+DF_HOT static void
+w4_dy (const Wino4 *wi, const float *restrict yt, int o0, int o1, gsize t0,
+       float *restrict e)
+{
+  int C = wi->co, wo = 4 * wi->tw;
+
+  for (int ty = 0; ty < wi->th; ty++)
+    for (int tx = 0; tx < wi->tw; tx++)
+      {
+        gsize t = t0 + (gsize) ty * wi->tw + tx;
+        const float *p = yt + ((gsize) 4 * ty * wo + 4 * tx) * C;
+
+        for (int o = o0; o < o1; o += W4_VL)
+          {
+            W4Vec u[6][4];
+
+            W4_UNROLL
+            for (int j = 0; j < 4; j++)
+              {
+                W4Vec d[4], r[6];
+
+                W4_UNROLL
+                for (int i = 0; i < 4; i++)
+                  d[i] = W4_AT (p + ((gsize) i * wo + j) * C + o);
+                W4_A4 (d, r);
+                W4_UNROLL
+                for (int i = 0; i < 6; i++)
+                  u[i][j] = r[i];
+              }
+            W4_UNROLL
+            for (int i = 0; i < 6; i++)
+              {
+                W4Vec r[6];
+                float *ei = e + 6 * i * wi->km + t * C + o;
+
+                W4_A4 (u[i], r);
+                W4_UNROLL
+                for (int j = 0; j < 6; j++)
+                  W4_AT (ei + j * wi->km) = r[j];
+              }
+          }
+      }
+}
+
+/* G g of a kernel's 3 rows (or columns) g, into o. */
+#define W4_G(g, o) \
+  do { \
+      o[0] = 0.25f * g[0]; \
+      o[1] = (-1.0f / 6) * (g[0] + g[1] + g[2]); \
+      o[2] = (-1.0f / 6) * (g[0] - g[1] + g[2]); \
+      o[3] = (1.0f / 24) * g[0] + (1.0f / 12) * g[1] + (1.0f / 6) * g[2]; \
+      o[4] = (1.0f / 24) * g[0] - (1.0f / 12) * g[1] + (1.0f / 6) * g[2]; \
+      o[5] = g[2]; \
+  } while (0)
+
+/* U [36][Ci][Co] = G g G^T of each kernel g; w and flip as for
+ * wino_weights.  Per input channel the taps of every output channel go
+ * to [9][Co] in the thread's scratch first (9 Co floats). */
+DF_HOT static void
+w4_weights (const Wino4 *wi, const float *w, gboolean flip, float *u,
+            float *work)
+{
+  int ci = wi->ci, co = wi->co;
+  gsize per_thread = w4_per_thread (wi);
+
+#pragma omp parallel for schedule(static) if ((gsize) co * ci * 36 > DF_PAR_MIN)
+  for (int c = 0; c < ci; c++)
+    {
+      float *restrict g = work + per_thread * omp_get_thread_num ();
+
+      for (int o = 0; o < co; o++)
+        {
+          const float *k = flip ? w + ((gsize) c * co + o) * 9
+                                : w + ((gsize) o * ci + c) * 9;
+
+          for (int j = 0; j < 9; j++)
+            g[(gsize) j * co + o] = k[flip ? 8 - j : j];
+        }
+      for (int o = 0; o < co; o += W4_VL)
+        {
+          W4Vec gg[6][3];
+
+          W4_UNROLL
+          for (int j = 0; j < 3; j++)
+            {
+              W4Vec d[3], r[6];
+
+              W4_UNROLL
+              for (int i = 0; i < 3; i++)
+                d[i] = W4_AT (g + (gsize) (3 * i + j) * co + o);
+              W4_G (d, r);
+              W4_UNROLL
+              for (int i = 0; i < 6; i++)
+                gg[i][j] = r[i];
+            }
+          W4_UNROLL
+          for (int i = 0; i < 6; i++)
+            {
+              W4Vec r[6];
+
+              W4_G (gg[i], r);
+              W4_UNROLL
+              for (int j = 0; j < 6; j++)
+                W4_AT (u + ((gsize) (6 * i + j) * ci + c) * co + o) = r[j];
+            }
+        }
+    }
+}
+
+/* G^T m of a transform's 6 rows (or columns) m, into o. */
+#define W4_GT(m, o) \
+  do { \
+      o[0] = 0.25f * m[0] + (-1.0f / 6) * (m[1] + m[2]) \
+             + (1.0f / 24) * (m[3] + m[4]); \
+      o[1] = (1.0f / 6) * (m[2] - m[1]) + (1.0f / 12) * (m[3] - m[4]); \
+      o[2] = (-1.0f / 6) * (m[1] + m[2]) + (1.0f / 6) * (m[3] + m[4]) \
+             + m[5]; \
+  } while (0)
+
+/* dw [Co,Ci,3,3] += G^T dU G of du [36][Ci][Co]: per input channel, by
+ * blocks of output channels; the 9 taps of 16 kernels go to dw one by
+ * one. */
+DF_HOT static void
+w4_dw_finish (const Wino4 *wi, const float *du, float *dw)
+{
+  int ci = wi->ci, co = wi->co;
+
+#pragma omp parallel for schedule(static) if ((gsize) co * ci * 36 > DF_PAR_MIN)
+  for (int c = 0; c < ci; c++)
+    for (int o = 0; o < co; o += W4_VL)
+      {
+        W4Vec h[3][6];
+        float taps[9][W4_VL];
+
+        W4_UNROLL
+        for (int j = 0; j < 6; j++)
+          {
+            W4Vec d[6], r[3];
+
+            W4_UNROLL
+            for (int i = 0; i < 6; i++)
+              d[i] = W4_AT (du + ((gsize) (6 * i + j) * ci + c) * co + o);
+            W4_GT (d, r);
+            W4_UNROLL
+            for (int i = 0; i < 3; i++)
+              h[i][j] = r[i];
+          }
+        W4_UNROLL
+        for (int i = 0; i < 3; i++)
+          {
+            W4Vec r[3];
+
+            W4_GT (h[i], r);
+            W4_UNROLL
+            for (int j = 0; j < 3; j++)
+              W4_AT (taps[3 * i + j]) = r[j];
+          }
+        for (int l = 0; l < W4_VL; l++)
+          {
+            float *d = dw + ((gsize) (o + l) * ci + c) * 9;
+
+            for (int k = 0; k < 9; k++)
+              d[k] += taps[k][l];
+          }
+      }
+}
+
+/* A unit's V: for its samples from s0 (the batch's n may cut the group
+ * short), channels [c0, c1), each laid out in xt first. */
+static void
+w4_unit_input (const Wino4 *wi, const float *x, int n, int s0, int c0,
+               int c1, float *xt, float *v)
+{
+  for (int s = s0; s < MIN (s0 + wi->group, n); s++)
+    {
+      w4_layout (x + s * wi->x_sample, wi->ci, wi->h, wi->w, 1, wi->hp,
+                 wi->wp, c0, c1, xt);
+      w4_input (wi, xt, c0, c1, (gsize) (s - s0) * wi->tiles, v);
+    }
+}
+
+/* A unit's outputs from its M for the samples s0 .. s0 + group under n,
+ * channels [o0, o1), each through yt. */
+static void
+w4_unit_output (const Wino4 *wi, const float *m, int n, int s0, int o0,
+                int o1, const WinoOut *out, float *y, float *yt)
+{
+  for (int s = s0; s < MIN (s0 + wi->group, n); s++)
+    {
+      const float *emb = out->emb != NULL ? out->emb + (gsize) s * wi->co
+                                          : NULL;
+      const float *res = out->res != NULL ? out->res + s * wi->y_sample
+                                          : NULL;
+
+      w4_output (wi, m, (gsize) (s - s0) * wi->tiles, o0, o1, out->bias,
+                 emb, yt);
+      w4_unlayout (wi, yt, o0, o1, res, out->add, y + s * wi->y_sample);
+    }
+}
+
+/* M[k] [T,Co] = V[k] [T,Ci] U[k] [Ci,Co] for transforms [k0, k1) of a
+ * unit of gs samples: a GEMM a sample, so that a sample's products are
+ * the same wherever it is in the batch (OpenBLAS may round a row by
+ * where it falls in its blocks), one U[k] for all of them while it is in
+ * cache. */
+static void
+w4_gemms (const Wino4 *wi, const float *u, const float *v, int gs, int k0,
+          int k1, float *m)
+{
+  gsize tc = (gsize) wi->tiles * wi->ci, to = (gsize) wi->tiles * wi->co;
+
+  for (int k = k0; k < k1; k++)
+    for (int s = 0; s < gs; s++)
+      df_sgemm (DF_NO_TRANS, DF_NO_TRANS, wi->tiles, wi->co, wi->ci, 1.0f,
+                v + k * wi->kv + s * tc, wi->ci,
+                u + (gsize) k * wi->ci * wi->co, wi->co, 0.0f,
+                m + k * wi->km + s * to, wi->co);
+}
+
+/* y (+)= the convolution of x [N,Ci,H,W] by the kernel whose transform is
+ * u (w4_weights), with what out asks for; work: threads x w4_per_thread
+ * floats.  With fewer units than threads, a unit's channel blocks,
+ * transforms and output blocks are spread over the threads in turn, on
+ * the first thread's V and M. */
+DF_HOT static void
+w4_run (const Wino4 *wi, const float *x, int n, const float *u,
+        const WinoOut *out, float *y, float *work)
+{
+  gsize per_thread = w4_per_thread (wi), lay = w4_lay (wi);
+  int units = (n + wi->group - 1) / wi->group;
+
+  if (units >= omp_get_max_threads ())
+    {
+#pragma omp parallel for schedule(static)
+      for (int un = 0; un < units; un++)
+        {
+          float *xt = work + per_thread * omp_get_thread_num ();
+          float *v = xt + lay, *m = v + 36 * wi->kv;
+
+          int gs = MIN (wi->group, n - un * wi->group);
+
+          w4_unit_input (wi, x, n, un * wi->group, 0, wi->ci, xt, v);
+          w4_gemms (wi, u, v, gs, 0, 36, m);
+          w4_unit_output (wi, m, n, un * wi->group, 0, wi->co, out, y, xt);
+        }
+      return;
+    }
+
+  for (int un = 0; un < units; un++)
+    {
+      float *v = work + lay, *m = v + 36 * wi->kv;
+      int gs = MIN (wi->group, n - un * wi->group);
+
+#pragma omp parallel for schedule(static)
+      for (int c = 0; c < wi->ci; c += W4_VL)
+        w4_unit_input (wi, x, n, un * wi->group, c, c + W4_VL,
+                       work + per_thread * omp_get_thread_num (), v);
+#pragma omp parallel for schedule(static)
+      for (int k = 0; k < 36; k++)
+        w4_gemms (wi, u, v, gs, k, k + 1, m);
+#pragma omp parallel for schedule(static)
+      for (int o = 0; o < wi->co; o += W4_VL)
+        w4_unit_output (wi, m, n, un * wi->group, o, o + W4_VL, out, y,
+                        work + per_thread * omp_get_thread_num ());
+    }
+}
+
+/* Floats of w4_weight_grad's scratch for n samples and threads (wi from
+ * w4_init with W4_DW_ROWS). */
+static gsize
+w4_dw_scratch (const Wino4 *wi, int n, int threads)
+{
+  int n_runs = (n + WINO_DW_SAMPLES - 1) / WINO_DW_SAMPLES;
+
+  return (gsize) threads * w4_per_thread (wi)
+         + (gsize) n_runs * 36 * wi->ci * wi->co;
+}
+
+/* dU[k][c][o] = sum over tiles t of V[k][t][c] E[k][t][o]: the gradient
+ * of U, 36 GEMMs a group of samples of K = their tiles; then dw += G^T dU
+ * G.  x and dy as for wino_weight_grad; a unit is a run of
+ * WINO_DW_SAMPLES samples, its groups wi->group samples (the last may be
+ * shorter), and the runs' partial dU are summed in order, so dW does not
+ * depend on the thread count.  work: w4_dw_scratch floats. */
+DF_HOT static void
+w4_weight_grad (const Wino4 *wi, const float *x, const float *dy, int n,
+                float *dw, float *work, int threads)
+{
+  int ci = wi->ci, co = wi->co;
+  int n_runs = (n + WINO_DW_SAMPLES - 1) / WINO_DW_SAMPLES;
+  gsize cc36 = (gsize) 36 * co * ci, per_thread = w4_per_thread (wi);
+  gsize lay = w4_lay (wi);
+  float *du = work + per_thread * threads;
+
+#pragma omp parallel for schedule(static)
+  for (int run = 0; run < n_runs; run++)
+    {
+      int s0 = run * WINO_DW_SAMPLES, s1 = MIN (s0 + WINO_DW_SAMPLES, n);
+      float *xt = work + per_thread * omp_get_thread_num ();
+      float *v = xt + lay, *e = v + 36 * wi->kv;
+      float *dur = du + run * cc36;
+
+      for (int sg = s0; sg < s1; sg += wi->group)
+        {
+          int sg1 = MIN (sg + wi->group, s1), T = (sg1 - sg) * wi->tiles;
+
+          for (int s = sg; s < sg1; s++)
+            {
+              gsize t0 = (gsize) (s - sg) * wi->tiles;
+
+              w4_layout (x + s * wi->x_sample, ci, wi->h, wi->w, 1, wi->hp,
+                         wi->wp, 0, ci, xt);
+              w4_input (wi, xt, 0, ci, t0, v);
+              w4_layout (dy + s * wi->y_sample, co, wi->h, wi->w, 0,
+                         4 * wi->th, 4 * wi->tw, 0, co, xt);
+              w4_dy (wi, xt, 0, co, t0, e);
+            }
+          /* dU[run][k] [Ci,Co] (+)= V[k]^T E[k] */
+          for (int k = 0; k < 36; k++)
+            df_sgemm (DF_TRANS, DF_NO_TRANS, ci, co, T, 1.0f, v + k * wi->kv,
+                      ci, e + k * wi->km, co, sg == s0 ? 0.0f : 1.0f,
+                      dur + (gsize) k * ci * co, co);
+        }
+    }
+
+  /* The runs' dU summed in order into the first's, by blocks. */
+#pragma omp parallel for schedule(static) if (n_runs > 1 && cc36 > DF_PAR_MIN)
+  for (gsize b = 0; b < cc36; b += 4096)
+    {
+      gsize b1 = MIN (b + 4096, cc36);
+
+      for (int run = 1; run < n_runs; run++)
+        {
+          const float *restrict dr = du + run * cc36;
+
+          for (gsize i = b; i < b1; i++)
+            du[i] += dr[i];
+        }
+    }
+  w4_dw_finish (wi, du, dw);
+}
+
 /* "Same" stride-1 convolutions (Ho = H, Wo = W, kh = kw, pads summing to
  * kh - 1, 1x1 ones included) take the shifted form backward too. */
 static gboolean
@@ -1289,6 +2047,40 @@ conv2d_backward_winograd (DfGraph *g, DfRecord *r, const ConvGeom *c)
     }
 }
 
+/* The same in F(4x4, 3x3) form (see conv_winograd4). */
+static void
+conv2d_backward_winograd4 (DfGraph *g, DfRecord *r, const ConvGeom *c)
+{
+  DfTensor *x = r->in[0], *w = r->in[1];
+  gboolean fresh;
+  float *dx = df_grad_fresh_or_null (x, &fresh);
+  float *dw = df_grad_or_null (w);               /* [Co,Ci,3,3] */
+  const float *dy = r->out->grad;                /* [N,Co,H,W] */
+  int n = x->shape[0], threads = omp_get_max_threads ();
+  gsize cc36 = (gsize) 36 * c->co * c->ci, dw_need = 0, dx_need = 0;
+  float *work;
+  Wino4 ww, wx;
+
+  /* dW: Ci in, Co out; dx: Co in, Ci out. */
+  w4_init (&ww, c->ci, c->co, c->h, c->w, W4_DW_ROWS, WINO_DW_SAMPLES);
+  w4_init (&wx, c->co, c->ci, c->h, c->w, W4_ROWS, G_MAXINT);
+  if (dw != NULL)
+    dw_need = w4_dw_scratch (&ww, n, threads);
+  if (dx != NULL)
+    dx_need = cc36 + w4_per_thread (&wx) * threads;
+  work = df_graph_workspace (g, MAX (dw_need, dx_need));
+
+  if (dw != NULL)
+    w4_weight_grad (&ww, x->data, dy, n, dw, work, threads);
+  if (dx != NULL)
+    {
+      WinoOut out = { NULL, NULL, NULL, !fresh };
+
+      w4_weights (&wx, w->data, TRUE, work, work + cc36);
+      w4_run (&wx, dy, n, work, &out, dx, work + cc36);
+    }
+}
+
 static void
 conv2d_backward (DfGraph *g, DfRecord *r)
 {
@@ -1315,7 +2107,9 @@ conv2d_backward (DfGraph *g, DfRecord *r)
    * could store into it fresh.) */
   if (!r->in[0]->requires_grad && !r->in[1]->requires_grad)
     return;
-  if (conv_winograd (&c, r->iarg[1]))
+  if (conv_winograd4 (&c, r->iarg[1]))
+    conv2d_backward_winograd4 (g, r, &c);
+  else if (conv_winograd (&c, r->iarg[1]))
     conv2d_backward_winograd (g, r, &c);
   else
     conv2d_backward_shifted (g, r, &c);
@@ -1328,11 +2122,21 @@ conv2d_forward_winograd (DfGraph *g, const ConvGeom *c, const DfTensor *x,
                          const DfTensor *w, const WinoOut *out, DfTensor *y)
 {
   int n = x->shape[0];
-  gsize cc16 = (gsize) 16 * c->co * c->ci;
+  gsize cc16 = (gsize) 16 * c->co * c->ci, cc36 = (gsize) 36 * c->co * c->ci;
   float *u;
   Wino wi;
+  Wino4 w4;
 
   /* Workspace: the kernel's transform, then the threads' scratch. */
+  if (conv_winograd4 (c, 1))
+    {
+      w4_init (&w4, c->ci, c->co, c->h, c->w, W4_ROWS, G_MAXINT);
+      u = df_graph_workspace (g, cc36 + w4_per_thread (&w4)
+                                        * omp_get_max_threads ());
+      w4_weights (&w4, w->data, FALSE, u, u + cc36);
+      w4_run (&w4, x->data, n, u, out, y->data, u + cc36);
+      return;
+    }
   wino_init (&wi, c->ci, c->co, c->h, c->w);
   u = df_graph_workspace (g, cc16 + wino_per_thread (&wi)
                                     * omp_get_max_threads ());
@@ -1351,7 +2155,20 @@ df_conv2d_scratch (int n, int ci, int co, int k, int s, int threads)
     return (ci + co) * (double) n * plane
            + (double) ci * co * k * k * ceil ((double) n / CONV_DW_SAMPLES);
 
-  /* Winograd: see conv2d_forward_winograd and conv2d_backward_winograd. */
+  /* Winograd: see conv2d_forward_winograd and conv2d_backward_winograd
+   * (and the F(4x4) ones). */
+  if (ci % W4_VL == 0 && co % W4_VL == 0)
+    {
+      Wino4 w4, w4x, w4w;
+
+      w4_init (&w4, ci, co, s, s, W4_ROWS, G_MAXINT);
+      w4_init (&w4x, co, ci, s, s, W4_ROWS, G_MAXINT);
+      w4_init (&w4w, ci, co, s, s, W4_DW_ROWS, WINO_DW_SAMPLES);
+      fwd = 36.0 * co * ci + (double) w4_per_thread (&w4) * threads;
+      bwd = MAX ((double) w4_dw_scratch (&w4w, n, threads),
+                 36.0 * co * ci + (double) w4_per_thread (&w4x) * threads);
+      return MAX (fwd, bwd);
+    }
   wino_init (&wi, ci, co, s, s);
   wino_init (&wx, co, ci, s, s);
   fwd = 16.0 * co * ci + (double) wino_per_thread (&wi) * threads;

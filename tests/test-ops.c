@@ -243,6 +243,13 @@ static const ConvConf conv_confs[] = {
   { 2, 2, 3, 9, 3, 3, 1, 1, 1, TRUE },   /* Winograd, 3 rows of 9 */
   { 1, 2, 1, 8, 2, 3, 1, 1, 1, FALSE },  /* Winograd, one row */
   { 1, 2, 16, 16, 3, 5, 1, 2, 2, TRUE }, /* 5x5, wide rows: shifted form */
+  /* Channels in 16s: F(4x4, 3x3) */
+  { 2, 16, 14, 14, 32, 3, 1, 1, 1, TRUE },/* tiles cropped, units of 2 */
+  { 3, 32, 7, 7, 16, 3, 1, 1, 1, TRUE }, /* a unit of 8 shared by threads */
+  { 1, 16, 28, 28, 16, 3, 1, 1, 1, FALSE },/* a unit a sample */
+  { 2, 16, 9, 11, 16, 3, 1, 1, 1, TRUE },/* odd, h != w, pixels not in 16s */
+  { 19, 16, 7, 7, 16, 3, 1, 1, 1, TRUE },/* dW in three runs of groups */
+  { 1, 16, 1, 8, 16, 3, 1, 1, 1, FALSE },/* one row */
 };
 
 static void
@@ -326,8 +333,9 @@ conv_emb_case (Case *c, const ConvConf *f)
   c->t[c->n_t++] = random_nd (2, f->n, f->co, 0);
 }
 
-/* Whether f's convolution takes the Winograd form (ops.c's conv_winograd);
- * check_winograd_gemms then checks that it did. */
+/* Whether f's convolution takes the Winograd form (ops.c's conv_winograd),
+ * and the F(4x4, 3x3) one (conv_winograd4); check_winograd_gemms then
+ * checks that it did. */
 static gboolean
 conv_is_winograd (const ConvConf *f)
 {
@@ -335,14 +343,34 @@ conv_is_winograd (const ConvConf *f)
          && f->w >= 7;
 }
 
-/* The GEMMs of a Winograd forward: 16 a unit, each [Co,Ci] x [Ci,tiles],
- * their N summing to 16 times every sample's tiles however the bands cut
- * them (the direct forms' GEMMs sum to something else). */
+static gboolean
+conv_is_winograd4 (const ConvConf *f)
+{
+  return conv_is_winograd (f) && f->ci % 16 == 0 && f->co % 16 == 0;
+}
+
+/* The GEMMs of a Winograd forward.  F(2x2): 16 a unit, each [Co,Ci] x
+ * [Ci,tiles], their N summing to 16 times every sample's tiles however the
+ * bands cut them.  F(4x4): 36 a sample, each [tiles,Ci] x [Ci,Co] over
+ * its 4x4 tiles.  (The direct forms' GEMMs are other shapes.) */
 static void
 check_winograd_gemms (const ConvConf *f, GArray *calls)
 {
   gsize tiles = 0;
 
+  if (conv_is_winograd4 (f))
+    {
+      g_assert_cmpint (calls->len, ==, 36 * f->n);
+      for (guint i = 0; i < calls->len; i++)
+        {
+          DfGemmCall *c = &g_array_index (calls, DfGemmCall, i);
+
+          g_assert_cmpint (c->M, ==, ((f->h + 3) / 4) * ((f->w + 3) / 4));
+          g_assert_cmpint (c->N, ==, f->co);
+          g_assert_cmpint (c->K, ==, f->ci);
+        }
+      return;
+    }
   g_assert_cmpint (calls->len % 16, ==, 0);
   for (guint i = 0; i < calls->len; i++)
     {
@@ -390,7 +418,8 @@ test_conv_forward (void)
       what = g_strdup_printf ("conv %d x %d x %dx%d -> %d, k%d s%d pad "
                               "(%d,%d)%s", f->n, f->ci, f->h, f->w, f->co,
                               f->k, f->stride, f->pl, f->ph,
-                              conv_is_winograd (f) ? ", Winograd" : "");
+                              conv_is_winograd4 (f) ? ", Winograd F(4x4)"
+                              : conv_is_winograd (f) ? ", Winograd" : "");
       assert_forward (what, y, ref, FWD_TOL);
       g_free (what);
       g_free (ref);
@@ -412,9 +441,99 @@ test_conv_grad (void)
       what = g_strdup_printf ("conv %d x %d x %dx%d -> %d, k%d s%d pad "
                               "(%d,%d)%s", f->n, f->ci, f->h, f->w, f->co,
                               f->k, f->stride, f->pl, f->ph,
-                              conv_is_winograd (f) ? ", Winograd" : "");
+                              conv_is_winograd4 (f) ? ", Winograd F(4x4)"
+                              : conv_is_winograd (f) ? ", Winograd" : "");
       assert_grad (what, &c, build_conv);
       g_free (what);
+      case_free (&c);
+    }
+}
+
+/* The Winograd forms' gradients against the exact ones in double: dx =
+ * the transposed convolution of dY, dW = the correlation of x with dY,
+ * db = dY's sums.  Finite differences (test_conv_grad) see errors above
+ * their own noise of about 1e-4; this sees the transforms' rounding. */
+static void
+test_conv_grad_exact (void)
+{
+  for (guint i = 0; i < G_N_ELEMENTS (conv_confs); i++)
+    {
+      const ConvConf *f = &conv_confs[i];
+      DfGraph *g;
+      Case c;
+      DfTensor *x, *w, *y;
+      double *dx, *dw, *db, top_x = 1e-9, top_w = 1e-9, top_b = 1e-9;
+      double err_x = 0, err_w = 0, err_b = 0;
+      float *dy;
+      int h = f->h, wd = f->w;
+
+      if (!conv_is_winograd (f))
+        continue;
+      conv_case (&c, f);
+      x = c.t[0];
+      w = c.t[1];
+      for (int t = 0; t < c.n_t; t++)
+        df_tensor_require_grad (c.t[t]);
+      g = df_graph_new (TRUE);
+      y = build_conv (g, &c);
+      dy = df_tensor_grad (y);
+      for (gsize q = 0; q < y->size; q++)
+        dy[q] = (float) g_rand_double_range (rng, -1.0, 1.0);
+      df_graph_backward (g);
+
+      dx = g_new0 (double, x->size);
+      dw = g_new0 (double, w->size);
+      db = g_new0 (double, f->co);
+      for (int s = 0; s < f->n; s++)
+        for (int o = 0; o < f->co; o++)
+          for (int oy = 0; oy < h; oy++)
+            for (int ox = 0; ox < wd; ox++)
+              {
+                double d = dy[((s * f->co + o) * h + oy) * wd + ox];
+
+                db[o] += d;
+                for (int ch = 0; ch < f->ci; ch++)
+                  for (int a = 0; a < 3; a++)
+                    for (int b = 0; b < 3; b++)
+                      {
+                        int iy = oy + a - 1, ix = ox + b - 1;
+                        gsize xi = ((gsize) (s * f->ci + ch) * h + iy) * wd
+                                   + ix;
+                        gsize wi = ((gsize) (o * f->ci + ch) * 3 + a) * 3 + b;
+
+                        if (iy < 0 || iy >= h || ix < 0 || ix >= wd)
+                          continue;
+                        dx[xi] += d * w->data[wi];
+                        dw[wi] += d * x->data[xi];
+                      }
+              }
+      for (gsize q = 0; q < x->size; q++)
+        {
+          top_x = MAX (top_x, fabs (dx[q]));
+          err_x = MAX (err_x, fabs (dx[q] - x->grad[q]));
+        }
+      for (gsize q = 0; q < w->size; q++)
+        {
+          top_w = MAX (top_w, fabs (dw[q]));
+          err_w = MAX (err_w, fabs (dw[q] - w->grad[q]));
+        }
+      for (int o = 0; f->bias && o < f->co; o++)
+        {
+          top_b = MAX (top_b, fabs (db[o]));
+          err_b = MAX (err_b, fabs (db[o] - c.t[2]->grad[o]));
+        }
+      g_test_message ("conv %d x %d x %dx%d -> %d%s: worst gradient error "
+                      "dx %.3g, dW %.3g, db %.3g (of the largest)", f->n,
+                      f->ci, h, wd, f->co,
+                      conv_is_winograd4 (f) ? ", F(4x4)" : "",
+                      err_x / top_x, err_w / top_w, err_b / top_b);
+      g_assert_cmpfloat (err_x / top_x, <=, FWD_TOL);
+      g_assert_cmpfloat (err_w / top_w, <=, FWD_TOL);
+      g_assert_cmpfloat (err_b / top_b, <=, FWD_TOL);
+      g_free (dx);
+      g_free (dw);
+      g_free (db);
+      df_graph_free (g);
       case_free (&c);
     }
 }
@@ -1341,7 +1460,7 @@ slice_sample (const DfTensor *t, int s)
 }
 
 /* The invariance cases are large enough that OpenMP and OpenBLAS split. */
-#define N_INV_CASES 16
+#define N_INV_CASES 19
 static void
 inv_cases (InvCase *cases, int *n)
 {
@@ -1377,6 +1496,24 @@ inv_cases (InvCase *cases, int *n)
   k->name = "conv 3x3 Winograd, batch 19";    /* dW in three runs (threads) */
   k->build = build_conv;
   conv_case (&k->c, &(ConvConf) { 19, 4, 14, 14, 6, 3, 1, 1, 1, TRUE });
+  k->n_batched = 1;
+
+  k = &cases[(*n)++];
+  k->name = "conv 3x3 Winograd F(4x4)";
+  k->build = build_conv;
+  conv_case (&k->c, &(ConvConf) { 3, 16, 28, 28, 32, 3, 1, 1, 1, TRUE });
+  k->n_batched = 1;
+
+  k = &cases[(*n)++];
+  k->name = "conv 3x3 Winograd F(4x4), units of 8 samples";
+  k->build = build_conv;
+  conv_case (&k->c, &(ConvConf) { 3, 32, 7, 7, 16, 3, 1, 1, 1, TRUE });
+  k->n_batched = 1;
+
+  k = &cases[(*n)++];
+  k->name = "conv 3x3 Winograd F(4x4), batch 19"; /* dW: runs, groups */
+  k->build = build_conv;
+  conv_case (&k->c, &(ConvConf) { 19, 16, 9, 11, 16, 3, 1, 1, 1, TRUE });
   k->n_batched = 1;
 
   k = &cases[(*n)++];
@@ -1526,6 +1663,7 @@ test_conv_fused (void)
 {
   static const ConvConf confs[] = {
     { 3, 4, 7, 9, 5, 3, 1, 1, 1, TRUE },   /* Winograd */
+    { 2, 16, 9, 7, 16, 3, 1, 1, 1, TRUE }, /* Winograd F(4x4) */
     { 2, 3, 5, 5, 4, 3, 1, 1, 1, TRUE },   /* direct, rows under 7 */
     { 2, 3, 6, 6, 4, 1, 1, 0, 0, TRUE },   /* 1x1 */
     { 2, 3, 8, 8, 4, 3, 2, 0, 1, TRUE },   /* stride 2 */
@@ -1559,6 +1697,9 @@ test_conv_fused (void)
     conv_case (&c, &(ConvConf) { 2, 4, 8, 8, 4, 3, 1, 1, 1, TRUE });
     assert_same_bits (&c, build_conv_add_self, build_conv_then_add_self);
     assert_grad ("conv + its own input", &c, build_conv_add_self);
+    case_free (&c);
+    conv_case (&c, &(ConvConf) { 2, 16, 8, 8, 16, 3, 1, 1, 1, TRUE });
+    assert_same_bits (&c, build_conv_add_self, build_conv_then_add_self);
     case_free (&c);
   }
 }
@@ -1655,6 +1796,7 @@ main (int argc, char **argv)
 
   g_test_add_func ("/engine/ops/conv2d/forward", test_conv_forward);
   g_test_add_func ("/engine/ops/conv2d/grad", test_conv_grad);
+  g_test_add_func ("/engine/ops/conv2d/grad-exact", test_conv_grad_exact);
   g_test_add_func ("/engine/ops/conv2d/fused", test_conv_fused);
   g_test_add_func ("/engine/ops/group-norm/forward", test_group_norm_forward);
   g_test_add_func ("/engine/ops/group-norm/grad", test_group_norm_grad);
