@@ -1134,7 +1134,7 @@ wino_weight_grad (const Wino *wi, const float *x, const float *dy, int n,
  *         | 0  1 -1  8 -8  1 |
  *
  * Its transforms run across the channels, 16 at a time: a sample is first
- * laid out by pixel, [H][W][C] (16 x 16 transposes in registers), so that
+ * laid out by pixel, [H][W][C] (8 x 8 transposes in registers), so that
  * a tile's patch is 36 vectors of 16 channels and a transform is vector
  * arithmetic alone, whatever the image's width.  V [36][T][Ci] (tile
  * rows, channels) keeps that order, M[k] [T,Co] = V[k] U[k] with U
@@ -1236,62 +1236,58 @@ w4_per_thread (const Wino4 *wi)
   return w4_lay (wi) + 36 * (wi->kv + wi->km);
 }
 
-/* r[0..16) = its transpose: r[i][j] becomes r[j][i]. */
+/* 8 floats, for the layouts' transposes: 8 x 8 blocks take 24 shuffles
+ * within AVX2's registers (16 x 16 ones split across them). */
+typedef float W4Half __attribute__ ((vector_size (8 * sizeof (float))));
+typedef float W4HalfMem __attribute__ ((vector_size (8 * sizeof (float)),
+                                        aligned (sizeof (float)), may_alias));
+#define W4_HALF(p) (*(W4HalfMem *) (p))
+
+/* r[0..8) = its transpose: r[i][j] becomes r[j][i]. */
 static inline void
-w4_transpose (W4Vec *r)
+w4_transpose (W4Half *r)
 {
-  W4Vec t[16];
+  W4Half t[8];
 
   W4_UNROLL
-  for (int i = 0; i < 8; i++)
+  for (int i = 0; i < 4; i++)
     {
-      t[i] = __builtin_shufflevector (r[i], r[i + 8], 0, 1, 2, 3, 4, 5, 6,
-                                      7, 16, 17, 18, 19, 20, 21, 22, 23);
-      t[i + 8] = __builtin_shufflevector (r[i], r[i + 8], 8, 9, 10, 11, 12,
-                                          13, 14, 15, 24, 25, 26, 27, 28,
-                                          29, 30, 31);
+      t[i] = __builtin_shufflevector (r[i], r[i + 4], 0, 1, 2, 3, 8, 9, 10,
+                                      11);
+      t[i + 4] = __builtin_shufflevector (r[i], r[i + 4], 4, 5, 6, 7, 12, 13,
+                                          14, 15);
     }
   W4_UNROLL
-  for (int b = 0; b < 16; b += 8)
-    W4_UNROLL
-    for (int i = b; i < b + 4; i++)
-      {
-        r[i] = __builtin_shufflevector (t[i], t[i + 4], 0, 1, 2, 3, 16, 17,
-                                        18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-        r[i + 4] = __builtin_shufflevector (t[i], t[i + 4], 4, 5, 6, 7, 20,
-                                            21, 22, 23, 12, 13, 14, 15, 28,
-                                            29, 30, 31);
-      }
-  W4_UNROLL
-  for (int b = 0; b < 16; b += 4)
+  for (int b = 0; b < 8; b += 4)
     W4_UNROLL
     for (int i = b; i < b + 2; i++)
       {
-        t[i] = __builtin_shufflevector (r[i], r[i + 2], 0, 1, 16, 17, 4, 5,
-                                        20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-        t[i + 2] = __builtin_shufflevector (r[i], r[i + 2], 2, 3, 18, 19, 6,
-                                            7, 22, 23, 10, 11, 26, 27, 14,
-                                            15, 30, 31);
+        r[i] = __builtin_shufflevector (t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12,
+                                        13);
+        r[i + 2] = __builtin_shufflevector (t[i], t[i + 2], 2, 3, 10, 11, 6,
+                                            7, 14, 15);
       }
   W4_UNROLL
-  for (int b = 0; b < 16; b += 2)
+  for (int b = 0; b < 8; b += 2)
     {
-      r[b] = __builtin_shufflevector (t[b], t[b + 1], 0, 16, 2, 18, 4, 20, 6,
-                                      22, 8, 24, 10, 26, 12, 28, 14, 30);
-      r[b + 1] = __builtin_shufflevector (t[b], t[b + 1], 1, 17, 3, 19, 5,
-                                          21, 7, 23, 9, 25, 11, 27, 13, 29,
-                                          15, 31);
+      t[b] = __builtin_shufflevector (r[b], r[b + 1], 0, 8, 2, 10, 4, 12, 6,
+                                      14);
+      t[b + 1] = __builtin_shufflevector (r[b], r[b + 1], 1, 9, 3, 11, 5, 13,
+                                          7, 15);
     }
+  W4_UNROLL
+  for (int i = 0; i < 8; i++)
+    r[i] = t[i];
 }
 
-/* Where the 16 pixels from flat index p0 of a w-wide image go in a
+/* Where the 8 pixels from flat index p0 of a w-wide image go in a
  * wp-wide layout of c channels, moved down and right by off. */
 static inline void
 w4_pixels (gsize p0, int w, int wp, int off, int c, gsize *at)
 {
   gsize y = p0 / w, x = p0 % w;
 
-  for (int j = 0; j < 16; j++)
+  for (int j = 0; j < 8; j++)
     {
       at[j] = ((y + off) * wp + x + off) * c;
       if (++x == (gsize) w)
@@ -1315,22 +1311,22 @@ w4_layout (const float *restrict x, int C, int h, int w, int off, int hp,
       if (y < off || y >= h + off || xx < off || xx >= w + off)
         memset (xt + ((gsize) y * wp + xx) * C + c0, 0, nc);
 
-  for (; p0 + 16 <= P; p0 += 16)
+  for (; p0 + 8 <= P; p0 += 8)
     {
-      gsize at[16];
+      gsize at[8];
 
       w4_pixels (p0, w, wp, off, C, at);
-      for (int c = c0; c < c1; c += W4_VL)
+      for (int c = c0; c < c1; c += 8)
         {
-          W4Vec r[16];
+          W4Half r[8];
 
           W4_UNROLL
-          for (int i = 0; i < 16; i++)
-            r[i] = W4_AT (x + (c + i) * P + p0);
+          for (int i = 0; i < 8; i++)
+            r[i] = W4_HALF (x + (c + i) * P + p0);
           w4_transpose (r);
           W4_UNROLL
-          for (int j = 0; j < 16; j++)
-            W4_AT (xt + at[j] + c) = r[j];
+          for (int j = 0; j < 8; j++)
+            W4_HALF (xt + at[j] + c) = r[j];
         }
     }
   for (; p0 < P; p0++)
@@ -1352,30 +1348,30 @@ w4_unlayout (const Wino4 *wi, const float *restrict yt, int c0, int c1,
   int C = wi->co, w = wi->w;
   gsize P = (gsize) wi->h * w, p0 = 0;
 
-  for (; p0 + 16 <= P; p0 += 16)
+  for (; p0 + 8 <= P; p0 += 8)
     {
-      gsize at[16];
+      gsize at[8];
 
       w4_pixels (p0, w, 4 * wi->tw, 0, C, at);
-      for (int c = c0; c < c1; c += W4_VL)
+      for (int c = c0; c < c1; c += 8)
         {
-          W4Vec r[16];
+          W4Half r[8];
 
           W4_UNROLL
-          for (int j = 0; j < 16; j++)
-            r[j] = W4_AT (yt + at[j] + c);
+          for (int j = 0; j < 8; j++)
+            r[j] = W4_HALF (yt + at[j] + c);
           w4_transpose (r);
           W4_UNROLL
-          for (int i = 0; i < 16; i++)
+          for (int i = 0; i < 8; i++)
             {
               gsize q = (c + i) * P + p0;
 
               if (res != NULL)
-                W4_AT (y + q) = W4_AT (res + q) + r[i];
+                W4_HALF (y + q) = W4_HALF (res + q) + r[i];
               else if (add)
-                W4_AT (y + q) = W4_AT (y + q) + r[i];
+                W4_HALF (y + q) = W4_HALF (y + q) + r[i];
               else
-                W4_AT (y + q) = r[i];
+                W4_HALF (y + q) = r[i];
             }
         }
     }
