@@ -756,7 +756,7 @@ main (int argc, char **argv)
 {
   static const char *const forward[] = {
     "unet-attn-grad", "unet-class-old-grad", "unet-lpb2", "unet-3level",
-    "classifier",
+    "unet-f4-grad", "classifier",
   };
 
   g_test_init (&argc, &argv, NULL);
@@ -777,6 +777,8 @@ main (int argc, char **argv)
                         test_grad_mse);
   g_test_add_data_func ("/engine/unet/grad/unet-class-old-grad",
                         "unet-class-old-grad", test_grad_mse);
+  g_test_add_data_func ("/engine/unet/grad/unet-f4-grad", "unet-f4-grad",
+                        test_grad_mse);
   g_test_add_func ("/engine/unet/grad/classifier-x", test_grad_classifier_x);
   g_test_add_func ("/engine/unet/params/old-attention-names", test_old_names);
   g_test_add_func ("/engine/unet/params/init", test_init);

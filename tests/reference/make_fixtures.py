@@ -86,6 +86,17 @@ FIXTURES = [
                      layers_per_block=1, norm_num_groups=4, norm_eps=1e-6,
                      attention_head_dim=4, flip_sin_to_cos=False,
                      freq_shift=0, downsample_padding=1)),
+    # Channels in 16s on 14x14 and 7x7: the F(4x4, 3x3) Winograd
+    # convolutions (forward, dx and dW), gradients too.
+    dict(name="unet-f4-grad", seed=6, batch=2, t=[5.0, 512.0],
+         grads=True,
+         config=dict(sample_size=14, in_channels=1, out_channels=1,
+                     block_out_channels=[16, 16],
+                     down_block_types=[DOWN, ADOWN],
+                     up_block_types=[AUP, UP],
+                     layers_per_block=1, norm_num_groups=4,
+                     attention_head_dim=8, flip_sin_to_cos=True,
+                     freq_shift=0, downsample_padding=1)),
     # The noisy classifier: down path + mid block + head.
     dict(name="classifier", seed=5, batch=2, t=[12.0, 700.0],
          grads=True, classifier=True,
