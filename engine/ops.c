@@ -1179,6 +1179,7 @@ typedef struct {
   int    T;                   /* tile rows of a unit: group x tiles */
   int    hp, wp;              /* the laid-out input: 4 th + 2, 4 tw + 2 */
   gsize  kv, km;              /* floats from V[k] (M[k]) to V[k + 1] */
+  gsize  ku;                  /* the same for U[k] (and dW's dU[k]) */
   gsize  x_sample, y_sample;  /* input and output sample strides */
 } Wino4;
 
@@ -1215,8 +1216,16 @@ w4_init (Wino4 *wi, int ci, int co, int h, int w, int rows, int max_group)
   wi->wp = 4 * wi->tw + 2;
   wi->kv = w4_stride ((gsize) wi->T * ci);
   wi->km = w4_stride ((gsize) wi->T * co);
+  wi->ku = w4_stride ((gsize) ci * co);
   wi->x_sample = (gsize) ci * h * w;
   wi->y_sample = (gsize) co * h * w;
+}
+
+/* Floats of U (or a dU). */
+static gsize
+w4_u_floats (const Wino4 *wi)
+{
+  return 36 * wi->ku;
 }
 
 /* Floats of a laid-out sample: the padded input, or the output tiles
@@ -1228,8 +1237,7 @@ w4_lay (const Wino4 *wi)
               (gsize) 16 * wi->tiles * wi->co);
 }
 
-/* Floats of a thread's scratch: a laid-out sample, V and M (E for dW);
- * at least 9 Co for w4_weights. */
+/* Floats of a thread's scratch: a laid-out sample, V and M (E for dW). */
 static gsize
 w4_per_thread (const Wino4 *wi)
 {
@@ -1581,57 +1589,76 @@ w4_dy (const Wino4 *wi, const float *restrict yt, int o0, int o1, gsize t0,
   } while (0)
 
 /* U [36][Ci][Co] = G g G^T of each kernel g; w and flip as for
- * wino_weights.  Per input channel the taps of every output channel go
- * to [9][Co] in the thread's scratch first (9 Co floats). */
+ * wino_weights.  The taps go to g [Ci][9][Co] first (w [Co][Ci 9] in 8 x 8
+ * transposes, or the flipped kernel an input channel at a time), so that
+ * the transforms read 16 output channels at once; g: 9 Ci Co floats. */
 DF_HOT static void
 w4_weights (const Wino4 *wi, const float *w, gboolean flip, float *u,
-            float *work)
+            float *g)
 {
   int ci = wi->ci, co = wi->co;
-  gsize per_thread = w4_per_thread (wi);
+  gsize ck = (gsize) ci * 9;
+  gboolean par = (gsize) co * ci * 36 > DF_PAR_MIN;
 
-#pragma omp parallel for schedule(static) if ((gsize) co * ci * 36 > DF_PAR_MIN)
-  for (int c = 0; c < ci; c++)
+  if (flip)
     {
-      float *restrict g = work + per_thread * omp_get_thread_num ();
-
-      for (int o = 0; o < co; o++)
-        {
-          const float *k = flip ? w + ((gsize) c * co + o) * 9
-                                : w + ((gsize) o * ci + c) * 9;
-
+      /* Kernel (o, c) is the forward's (c, o), w [Ci][Co][9] here,
+       * rotated by 180 degrees. */
+#pragma omp parallel for schedule(static) if (par)
+      for (int c = 0; c < ci; c++)
+        for (int o = 0; o < co; o++)
           for (int j = 0; j < 9; j++)
-            g[(gsize) j * co + o] = k[flip ? 8 - j : j];
-        }
-      for (int o = 0; o < co; o += W4_VL)
-        {
-          W4Vec gg[6][3];
-
-          W4_UNROLL
-          for (int j = 0; j < 3; j++)
-            {
-              W4Vec d[3], r[6];
-
-              W4_UNROLL
-              for (int i = 0; i < 3; i++)
-                d[i] = W4_AT (g + (gsize) (3 * i + j) * co + o);
-              W4_G (d, r);
-              W4_UNROLL
-              for (int i = 0; i < 6; i++)
-                gg[i][j] = r[i];
-            }
-          W4_UNROLL
-          for (int i = 0; i < 6; i++)
-            {
-              W4Vec r[6];
-
-              W4_G (gg[i], r);
-              W4_UNROLL
-              for (int j = 0; j < 6; j++)
-                W4_AT (u + ((gsize) (6 * i + j) * ci + c) * co + o) = r[j];
-            }
-        }
+            g[((gsize) c * 9 + 8 - j) * co + o] = w[((gsize) c * co + o) * 9
+                                                    + j];
     }
+  else
+    {
+#pragma omp parallel for schedule(static) if (par)
+      for (int o = 0; o < co; o += 8)
+        for (gsize q = 0; q < ck; q += 8)
+          {
+            W4Half r[8];
+
+            W4_UNROLL
+            for (int i = 0; i < 8; i++)
+              r[i] = W4_HALF (w + (o + i) * ck + q);
+            w4_transpose (r);
+            W4_UNROLL
+            for (int j = 0; j < 8; j++)
+              W4_HALF (g + (q + j) * co + o) = r[j];
+          }
+    }
+
+#pragma omp parallel for schedule(static) if (par)
+  for (int c = 0; c < ci; c++)
+    for (int o = 0; o < co; o += W4_VL)
+      {
+        W4Vec gg[6][3];
+
+        W4_UNROLL
+        for (int j = 0; j < 3; j++)
+          {
+            W4Vec d[3], r[6];
+
+            W4_UNROLL
+            for (int i = 0; i < 3; i++)
+              d[i] = W4_AT (g + ((gsize) c * 9 + 3 * i + j) * co + o);
+            W4_G (d, r);
+            W4_UNROLL
+            for (int i = 0; i < 6; i++)
+              gg[i][j] = r[i];
+          }
+        W4_UNROLL
+        for (int i = 0; i < 6; i++)
+          {
+            W4Vec r[6];
+
+            W4_G (gg[i], r);
+            W4_UNROLL
+            for (int j = 0; j < 6; j++)
+              W4_AT (u + (6 * i + j) * wi->ku + (gsize) c * co + o) = r[j];
+          }
+      }
 }
 
 /* G^T m of a transform's 6 rows (or columns) m, into o. */
@@ -1666,7 +1693,7 @@ w4_dw_finish (const Wino4 *wi, const float *du, float *dw)
 
             W4_UNROLL
             for (int i = 0; i < 6; i++)
-              d[i] = W4_AT (du + ((gsize) (6 * i + j) * ci + c) * co + o);
+              d[i] = W4_AT (du + (6 * i + j) * wi->ku + (gsize) c * co + o);
             W4_GT (d, r);
             W4_UNROLL
             for (int i = 0; i < 3; i++)
@@ -1740,7 +1767,7 @@ w4_gemms (const Wino4 *wi, const float *u, const float *v, int gs, int k0,
     for (int s = 0; s < gs; s++)
       df_sgemm (DF_NO_TRANS, DF_NO_TRANS, wi->tiles, wi->co, wi->ci, 1.0f,
                 v + k * wi->kv + s * tc, wi->ci,
-                u + (gsize) k * wi->ci * wi->co, wi->co, 0.0f,
+                u + k * wi->ku, wi->co, 0.0f,
                 m + k * wi->km + s * to, wi->co);
 }
 
@@ -1800,7 +1827,7 @@ w4_dw_scratch (const Wino4 *wi, int n, int threads)
   int n_runs = (n + WINO_DW_SAMPLES - 1) / WINO_DW_SAMPLES;
 
   return (gsize) threads * w4_per_thread (wi)
-         + (gsize) n_runs * 36 * wi->ci * wi->co;
+         + (gsize) n_runs * w4_u_floats (wi);
 }
 
 /* dU[k][c][o] = sum over tiles t of V[k][t][c] E[k][t][o]: the gradient
@@ -1815,7 +1842,8 @@ w4_weight_grad (const Wino4 *wi, const float *x, const float *dy, int n,
 {
   int ci = wi->ci, co = wi->co;
   int n_runs = (n + WINO_DW_SAMPLES - 1) / WINO_DW_SAMPLES;
-  gsize cc36 = (gsize) 36 * co * ci, per_thread = w4_per_thread (wi);
+  gsize nu = w4_u_floats (wi), cc = (gsize) ci * co;
+  gsize per_thread = w4_per_thread (wi);
   gsize lay = w4_lay (wi);
   float *du = work + per_thread * threads;
 
@@ -1825,7 +1853,7 @@ w4_weight_grad (const Wino4 *wi, const float *x, const float *dy, int n,
       int s0 = run * WINO_DW_SAMPLES, s1 = MIN (s0 + WINO_DW_SAMPLES, n);
       float *xt = work + per_thread * omp_get_thread_num ();
       float *v = xt + lay, *e = v + 36 * wi->kv;
-      float *dur = du + run * cc36;
+      float *dur = du + run * nu;
 
       for (int sg = s0; sg < s1; sg += wi->group)
         {
@@ -1846,24 +1874,21 @@ w4_weight_grad (const Wino4 *wi, const float *x, const float *dy, int n,
           for (int k = 0; k < 36; k++)
             df_sgemm (DF_TRANS, DF_NO_TRANS, ci, co, T, 1.0f, v + k * wi->kv,
                       ci, e + k * wi->km, co, sg == s0 ? 0.0f : 1.0f,
-                      dur + (gsize) k * ci * co, co);
+                      dur + k * wi->ku, co);
         }
     }
 
-  /* The runs' dU summed in order into the first's, by blocks. */
-#pragma omp parallel for schedule(static) if (n_runs > 1 && cc36 > DF_PAR_MIN)
-  for (gsize b = 0; b < cc36; b += 4096)
-    {
-      gsize b1 = MIN (b + 4096, cc36);
+  /* The runs' dU summed in order into the first's, a transform a unit. */
+#pragma omp parallel for schedule(static) if (n_runs > 1 && 36 * cc > DF_PAR_MIN)
+  for (int k = 0; k < 36; k++)
+    for (int run = 1; run < n_runs; run++)
+      {
+        float *restrict d0 = du + k * wi->ku;
+        const float *restrict dr = du + run * nu + k * wi->ku;
 
-      for (int run = 1; run < n_runs; run++)
-        {
-          const float *restrict dr = du + run * cc36;
-
-          for (gsize i = b; i < b1; i++)
-            du[i] += dr[i];
-        }
-    }
+        for (gsize i = 0; i < cc; i++)
+          d0[i] += dr[i];
+      }
   w4_dw_finish (wi, du, dw);
 }
 
@@ -2053,17 +2078,18 @@ conv2d_backward_winograd4 (DfGraph *g, DfRecord *r, const ConvGeom *c)
   float *dw = df_grad_or_null (w);               /* [Co,Ci,3,3] */
   const float *dy = r->out->grad;                /* [N,Co,H,W] */
   int n = x->shape[0], threads = omp_get_max_threads ();
-  gsize cc36 = (gsize) 36 * c->co * c->ci, dw_need = 0, dx_need = 0;
+  gsize nu, cc9 = (gsize) 9 * c->co * c->ci, dw_need = 0, dx_need = 0;
   float *work;
   Wino4 ww, wx;
 
   /* dW: Ci in, Co out; dx: Co in, Ci out. */
   w4_init (&ww, c->ci, c->co, c->h, c->w, W4_DW_ROWS, WINO_DW_SAMPLES);
   w4_init (&wx, c->co, c->ci, c->h, c->w, W4_ROWS, G_MAXINT);
+  nu = w4_u_floats (&wx);
   if (dw != NULL)
     dw_need = w4_dw_scratch (&ww, n, threads);
   if (dx != NULL)
-    dx_need = cc36 + w4_per_thread (&wx) * threads;
+    dx_need = nu + MAX (cc9, w4_per_thread (&wx) * threads);
   work = df_graph_workspace (g, MAX (dw_need, dx_need));
 
   if (dw != NULL)
@@ -2072,8 +2098,8 @@ conv2d_backward_winograd4 (DfGraph *g, DfRecord *r, const ConvGeom *c)
     {
       WinoOut out = { NULL, NULL, NULL, !fresh };
 
-      w4_weights (&wx, w->data, TRUE, work, work + cc36);
-      w4_run (&wx, dy, n, work, &out, dx, work + cc36);
+      w4_weights (&wx, w->data, TRUE, work, work + nu);
+      w4_run (&wx, dy, n, work, &out, dx, work + nu);
     }
 }
 
@@ -2118,7 +2144,7 @@ conv2d_forward_winograd (DfGraph *g, const ConvGeom *c, const DfTensor *x,
                          const DfTensor *w, const WinoOut *out, DfTensor *y)
 {
   int n = x->shape[0];
-  gsize cc16 = (gsize) 16 * c->co * c->ci, cc36 = (gsize) 36 * c->co * c->ci;
+  gsize cc16 = (gsize) 16 * c->co * c->ci, cc9 = (gsize) 9 * c->co * c->ci;
   float *u;
   Wino wi;
   Wino4 w4;
@@ -2126,11 +2152,16 @@ conv2d_forward_winograd (DfGraph *g, const ConvGeom *c, const DfTensor *x,
   /* Workspace: the kernel's transform, then the threads' scratch. */
   if (conv_winograd4 (c, 1))
     {
+      /* The taps' layout for w4_weights, then the threads' scratch, in
+       * the same floats after U. */
+      gsize nu;
+
       w4_init (&w4, c->ci, c->co, c->h, c->w, W4_ROWS, G_MAXINT);
-      u = df_graph_workspace (g, cc36 + w4_per_thread (&w4)
-                                        * omp_get_max_threads ());
-      w4_weights (&w4, w->data, FALSE, u, u + cc36);
-      w4_run (&w4, x->data, n, u, out, y->data, u + cc36);
+      nu = w4_u_floats (&w4);
+      u = df_graph_workspace (g, nu + MAX (cc9, w4_per_thread (&w4)
+                                                 * omp_get_max_threads ()));
+      w4_weights (&w4, w->data, FALSE, u, u + nu);
+      w4_run (&w4, x->data, n, u, out, y->data, u + nu);
       return;
     }
   wino_init (&wi, c->ci, c->co, c->h, c->w);
@@ -2160,9 +2191,12 @@ df_conv2d_scratch (int n, int ci, int co, int k, int s, int threads)
       w4_init (&w4, ci, co, s, s, W4_ROWS, G_MAXINT);
       w4_init (&w4x, co, ci, s, s, W4_ROWS, G_MAXINT);
       w4_init (&w4w, ci, co, s, s, W4_DW_ROWS, WINO_DW_SAMPLES);
-      fwd = 36.0 * co * ci + (double) w4_per_thread (&w4) * threads;
+      fwd = (double) w4_u_floats (&w4)
+            + MAX (9.0 * co * ci, (double) w4_per_thread (&w4) * threads);
       bwd = MAX ((double) w4_dw_scratch (&w4w, n, threads),
-                 36.0 * co * ci + (double) w4_per_thread (&w4x) * threads);
+                 (double) w4_u_floats (&w4x)
+                 + MAX (9.0 * co * ci,
+                        (double) w4_per_thread (&w4x) * threads));
       return MAX (fwd, bwd);
     }
   wino_init (&wi, ci, co, s, s);
