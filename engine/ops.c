@@ -1790,7 +1790,6 @@ w4_run (const Wino4 *wi, const float *x, int n, const float *u,
         {
           float *xt = work + per_thread * omp_get_thread_num ();
           float *v = xt + lay, *m = v + 36 * wi->kv;
-
           int gs = MIN (wi->group, n - un * wi->group);
 
           w4_unit_input (wi, x, n, un * wi->group, 0, wi->ci, xt, v);

@@ -1070,7 +1070,7 @@ test_divergence_message (void)
 /* ---- memory ---- */
 
 /* The estimate's parameter count is the network's, and its bytes err
- * high: the shipped UNet at batch 64 on two threads peaked at 0.97 GiB
+ * high: the shipped UNet at batch 64 on two threads peaked at 0.98 GiB
  * resident for the whole program (`/usr/bin/time -v diffuse train`), 0.18
  * GiB of it the 60,000 images. */
 static void
@@ -1120,7 +1120,7 @@ test_memory_estimate (void)
                   "%.2f GiB at 8", n_params, bytes / (1 << 30),
                   small / (1 << 30));
   g_assert_cmpfloat (n_params, ==, 2736353);
-  g_assert_cmpfloat (bytes, >, 0.97 * (1 << 30));
+  g_assert_cmpfloat (bytes, >, 0.98 * (1 << 30));
   g_assert_cmpfloat (bytes, <, 3.0 * (1 << 30));
   g_assert_cmpfloat (small, <, bytes / 4);
 
