@@ -137,6 +137,8 @@ build_config (const TrainArgs *a, int channels, DfUNetConfig *cfg,
 static gboolean
 check_bounds (const TrainArgs *a, const DfUNetConfig *cfg, GError **error)
 {
+  int factor;
+
   for (int i = 0; i < cfg->n_blocks; i++)
     if (cfg->block_out_channels[i] > MAX_CHANNELS)
       {
@@ -162,6 +164,27 @@ check_bounds (const TrainArgs *a, const DfUNetConfig *cfg, GError **error)
                      "--config %s: sample_size %d is more than %d pixels; "
                      "give a smaller --size", a->config, cfg->sample_size,
                      MAX_SIZE);
+      return FALSE;
+    }
+  /* The down path halves the size at each block but the last and the up
+   * path doubles it back (the engine's own check words this by config
+   * key). */
+  factor = 1 << (cfg->n_blocks - 1);
+  if (GIVEN (a->size) && cfg->sample_size % factor != 0)
+    {
+      int lo = cfg->sample_size / factor * factor;
+      char *sizes = lo > 0 ? g_strdup_printf ("%d or %d", lo, lo + factor)
+                           : g_strdup_printf ("%d", factor);
+
+      g_set_error (error, CLI_ERROR, CLI_ERROR_INVALID,
+                   "--size %d: with %d blocks the size must be a multiple "
+                   "of %d (the UNet halves it %d times on the way down and "
+                   "doubles it back on the way up%s); %s would do", a->size,
+                   cfg->n_blocks, factor, cfg->n_blocks - 1,
+                   a->task != NULL && strcmp (a->task, "classifier") == 0
+                   ? ", and a classifier guides a UNet of its size" : "",
+                   sizes);
+      g_free (sizes);
       return FALSE;
     }
   if (cfg->layers_per_block > MAX_LAYERS)

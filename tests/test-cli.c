@@ -1898,9 +1898,10 @@ test_train_output_checked_first (void)
   g_free (ckpt);
 }
 
-/* 0 used to mean "the default" for these; a negative is as wrong. */
+/* 0 used to mean "the default" for these; a negative is as wrong, and so
+ * is a size the blocks cannot halve. */
 static void
-test_train_sizes_positive (void)
+test_train_sizes_refused (void)
 {
   const char *cases[][3] = {
     { "--size", "0", "--size 0: give 1 or more" },
@@ -1910,6 +1911,9 @@ test_train_sizes_positive (void)
     { "--head-dim", "0", "--head-dim 0: give 1 or more" },
     { "--groups", "0", "--groups 0: give 1 or more" },
     { "--image-channels", "0", "--image-channels: give 1 (gray) or 3" },
+    /* Not 0 either: a size the blocks cannot halve, in the option's terms. */
+    { "--size", "27", "--size 27: with 3 blocks the size must be a multiple "
+      "of 4" },
   };
   char *data = write_image_folder ();
   char *dir = new_dir ("train-sizes");
@@ -2878,8 +2882,8 @@ main (int argc, char **argv)
                    test_train_write_error_names_the_file);
   g_test_add_func ("/engine/cli/train/output-files-checked-first",
                    test_train_output_checked_first);
-  g_test_add_func ("/engine/cli/train/sizes-zero-or-negative",
-                   test_train_sizes_positive);
+  g_test_add_func ("/engine/cli/train/sizes-refused",
+                   test_train_sizes_refused);
   g_test_add_func ("/engine/cli/train/attention-flags-0-or-1",
                    test_train_attention_flags);
   g_test_add_func ("/engine/cli/train/p-uncond-with-classifier",
