@@ -550,6 +550,7 @@ test_failed_write_keeps_old (void)
       g_test_message ("%s", error->message);
       g_error_free (error);
       g_free (big);
+      g_free (path);
       return;
     }
   g_test_trap_subprocess (NULL, 0, G_TEST_SUBPROCESS_DEFAULT);

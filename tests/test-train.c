@@ -209,7 +209,9 @@ compare_files (const char *a, const char *b, double *worst)
       g_free (va);
       g_free (vb);
     }
-  g_assert_cmpint (g_strv_length (df_safetensors_names (sb)), ==, count);
+  g_strfreev (names);
+  names = df_safetensors_names (sb);
+  g_assert_cmpint (g_strv_length (names), ==, count);
   g_strfreev (names);
   df_safetensors_free (sa);
   df_safetensors_free (sb);
