@@ -1146,8 +1146,9 @@ wino_weight_grad (const Wino *wi, const float *x, const float *dy, int n,
  * units than threads, the threads share each unit by channel blocks and
  * transforms instead, in the same order, so the same bits.  dW runs as
  * the F(2x2) one does, in fixed runs of WINO_DW_SAMPLES samples summed in
- * order.  The coefficients reach 8, so results are a few units in the
- * last place further from the direct sum than F(2x2)'s. */
+ * order.  The coefficients reach 8, so results are further from the
+ * direct sum than F(2x2)'s: about 3e-6 of a layer's largest output at the
+ * UNet's sizes (up to 1e-5 at 512 channels) against 2e-7. */
 
 #define W4_VL 16
 /* Tiles of a forward unit, at least: a 7 x 7 image has 4, and a unit's
