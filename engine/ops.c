@@ -2149,7 +2149,8 @@ conv2d_forward_winograd (DfGraph *g, const ConvGeom *c, const DfTensor *x,
   Wino wi;
   Wino4 w4;
 
-  /* Workspace: the kernel's transform, then the threads' scratch. */
+  /* Workspace: the kernel's transform, then the threads' scratch.  (The
+   * caller took this form by conv_winograd, so the padding after is 1.) */
   if (conv_winograd4 (c, 1))
     {
       /* The taps' layout for w4_weights, then the threads' scratch, in
